@@ -1,0 +1,37 @@
+r"""GOLD recipe defaults (verl's GOLD recipe): on-policy logit distillation.
+
+    python -m gold_jax.train --config configs/gold.py
+    python -m gold_jax.train --config configs/gold.py --config.gold.beta=0.7 \
+        --config.gold.lmbda=0.8 --config.trainer.scheduler=two_step_off
+    python -m gold_jax.train --config configs/gold.py:runlocal   # laptop-sized
+
+With empty model/data paths the run uses the embedded demo (a tiny teacher,
+student, tokenizer and sorting data built on first run in config.demo.cache_dir).
+For real models set --config.model.student_path, --config.model.teacher_path
+(or --config.teacher.address of a running teacher server) and --config.data.*.
+"""
+from gold_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.run_dir = "runs/gold"
+    c.gold.beta = 0.5            # JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL
+    c.gold.lmbda = 0.5           # on-policy probability
+    c.gold.temperature = 0.9
+    c.gold.seq_kd = False
+    c.trainer.scheduler = "one_step_off"
+    c.trainer.global_batch_size = 16
+    c.trainer.max_steps = 200
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 10
+    c.optimizer.weight_decay = 0.01
+    c.checkpoint.every = 50
+    c.trainer.eval_every = 50
+    c.trainer.log_completions_every = 25
+    if arg == "runlocal":        # big_vision's laptop branch: a few quick steps
+        c.trainer.global_batch_size = 8
+        c.trainer.max_steps = 10
+        c.checkpoint.every = 5
+        c.trainer.eval_every = 5
+    return c

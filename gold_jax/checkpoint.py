@@ -1,0 +1,103 @@
+"""Orbax checkpoints of everything a bitwise-exact resume needs.
+
+A step directory holds three items:
+- "state":   TrainState (float32 params, optimizer state, update and skip counters), restored
+             with the live shardings;
+- "host":    JSON: step, host RNG state, JAX key seed, data-iterator state, on-policy counters;
+- "pending": the batches already generated (and teacher-scored) for later steps but not yet
+             trained on (one_step_off / two_step_off), so a resume never regenerates them with
+             different weights.
+Orbax writes into a temporary directory and renames it when complete, so a crash mid-save
+leaves the previous checkpoint as the latest good one. The teacher is never checkpointed.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _encode(obj: Any) -> Any:
+    """JSON-safe copy: bytes become {"__b64__": ...} (grain iterator states hold bytes)."""
+    if isinstance(obj, bytes):
+        return {"__b64__": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__b64__"}:
+            return base64.b64decode(obj["__b64__"])
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def _pack_pending(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    # Orbax cannot save an empty tree: a count leaf is always there.
+    tree: dict[str, Any] = {"count": np.asarray(len(batches), np.int32)}
+    for i, b in enumerate(batches):
+        tree[f"b{i}"] = {k: np.asarray(v) for k, v in b.items() if v is not None}
+    return tree
+
+
+def _unpack_pending(tree: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    n = int(np.asarray(tree["count"]))
+    return [{k: np.asarray(v) for k, v in tree[f"b{i}"].items()} for i in range(n)]
+
+
+class Checkpointer:
+    """keep-last-N orbax CheckpointManager under `directory` (usually run_dir/checkpoints)."""
+
+    def __init__(self, directory: str, *, keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._mgr = ocp.CheckpointManager(self.directory, options=opts,
+                                          item_names=("state", "host", "pending"))
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, host: dict[str, Any], pending: list[dict[str, np.ndarray]]) -> None:
+        self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            host=ocp.args.JsonSave(_encode(host)),
+            pending=ocp.args.StandardSave(_pack_pending(pending))))
+        self._mgr.wait_until_finished()
+
+    def restore(self, step: int | None, state_like: Any) -> tuple[Any, dict[str, Any], list[dict[str, np.ndarray]]]:
+        """(state, host, pending) at `step` (None = latest); the state takes `state_like`'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_like)
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore(),
+            pending=ocp.args.StandardRestore()))
+        return out["state"], _decode(out["host"]), _unpack_pending(out["pending"])
+
+    def restore_params(self, step: int | None = None) -> Any:
+        """Only the saved state tree (numpy-free restore on the default device): export."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+    def close(self) -> None:
+        self._mgr.close()

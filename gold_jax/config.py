@@ -1,0 +1,220 @@
+"""The trainer's config schema (every field, with its default) and start-up validation.
+
+configs/*.py start from `base_config()` and change recipe values; `validate()`
+runs before any model, data or device work so a bad key or value fails in a
+second with a message naming the key.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+SCHEDULERS = ("sync", "one_step_off", "two_step_off")
+LOSS_IMPLS = ("auto", "topk", "fused", "vocab_parallel", "dense")
+ENGINES = ("jax", "vllm")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STALENESS = {"sync": 0, "one_step_off": 1, "two_step_off": 2}
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+    """The data engineer's schema when present, else the fields the trainer reads."""
+    try:
+        from gold_jax.data import default_data_config  # type: ignore[attr-defined]
+        return default_data_config()
+    except ImportError:
+        return ml_collections.ConfigDict(dict(
+            train_files="", val_files="", format="auto", prompt_key="prompt", response_key="response",
+            max_prompt_length=256, max_response_length=256, truncation="left", buckets=(),
+            shuffle=True, seed=0, num_workers=0, chat_template=True))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0                     # host RNG (λ coins), JAX key, data order, rollout seeds
+    c.run_dir = "runs/gold"        # metrics, TensorBoard, checkpoints, profiles, completions
+    c.demo = ml_collections.ConfigDict(dict(cache_dir="~/.cache/gold_jax/demo"))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.student_path = ""      # HF-format dir; "" = the demo student
+    c.model.teacher_path = ""      # HF-format dir for the embedded teacher; "" = the demo teacher
+    c.model.tokenizer_path = ""    # "" = the student's dir
+    c.model.dtype = "auto"         # compute dtype; auto = bfloat16 on accelerators, float32 on CPU
+    c.model.param_dtype = "float32"  # master weights and optimizer state stay float32
+
+    c.data = _data_defaults()
+
+    c.gold = ml_collections.ConfigDict()
+    c.gold.beta = 0.5              # 0 = forward KL(teacher||student), 1 = reverse KL
+    c.gold.lmbda = 0.5             # probability that a batch is student-generated (on-policy)
+    c.gold.temperature = 0.9       # teacher/student softmax temperature and sampling temperature
+    c.gold.seq_kd = False          # off-policy batches: teacher-generated completions
+    c.gold.top_k = 64              # teacher top-k; 0 = full rows (dense JSD)
+    c.gold.topk_mode = "tail"      # "tail" (k+1 bucket, exact) or "renormalize" (verl)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.impl = "auto"           # auto | topk | fused | vocab_parallel | dense
+    c.loss.chunk_size = 256        # fused lm-head chunk along tokens
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.address = ""         # tcp://host:15555; "" = start an embedded local teacher
+    c.teacher.port = 0             # port of the embedded teacher (0 = any free port)
+    c.teacher.backend = "jax"      # embedded teacher backend: jax | vllm
+    c.teacher.timeout_s = 60.0
+    c.teacher.max_retries = 5
+    c.teacher.max_in_flight = 4
+    c.teacher.wait_s = 600.0       # how long the trainer waits for a lost teacher to come back
+    c.teacher.cache_dir = ""       # off-policy top-k cache ("" = off)
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.engine = "jax"       # jax (embedded sampler) | vllm
+    c.rollout.n_devices = 0        # devices reserved for rollout (0 = share the training devices)
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.sync_every = 1       # weight sync period (steps)
+
+    c.trainer = ml_collections.ConfigDict()
+    c.trainer.scheduler = "one_step_off"
+    c.trainer.global_batch_size = 8   # sequences per optimizer step (all hosts)
+    c.trainer.grad_accum_steps = 1    # micro-batches per step (lax.scan)
+    c.trainer.num_epochs = 1
+    c.trainer.max_steps = 100         # stop after this many steps (-1 = run the epochs)
+    c.trainer.n_devices = 0           # training devices (0 = all not reserved for rollout)
+    c.trainer.log_every = 1
+    c.trainer.eval_every = 0          # validation loss period (0 = off)
+    c.trainer.eval_batches = 2
+    c.trainer.log_completions_every = 0
+    c.trainer.log_completions_n = 2
+    c.trainer.tensorboard = True
+    c.trainer.progress_bar = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-5
+    c.optimizer.schedule = "cosine"   # cosine | linear | constant (after warmup)
+    c.optimizer.warmup_steps = 0
+    c.optimizer.min_lr_ratio = 0.0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.max_grad_norm = 1.0   # 0 = no clipping
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100          # steps (0 = only at the end)
+    c.checkpoint.keep = 3
+    c.checkpoint.enabled = True
+    c.checkpoint.resume = True        # resume from run_dir when a checkpoint exists
+
+    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    return c
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+    """Raise ValueError naming the first unknown key or invalid value."""
+    known, given = _flat(base_config()), _flat(cfg)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}")
+    missing = sorted(k for k in set(known) - set(given) if not k.startswith("data."))
+    if missing:
+        raise ValueError(f"missing config key(s): {', '.join('config.' + k for k in missing)}")
+    g, t, o = cfg.gold, cfg.trainer, cfg.optimizer
+    for k in ("beta", "lmbda"):
+        _check(0.0 <= g[k] <= 1.0, f"gold.{k}", g[k], "must be in [0, 1]")
+    _check(math.isfinite(g.temperature) and g.temperature > 0, "gold.temperature", g.temperature, "must be > 0")
+    _check(g.top_k >= 0, "gold.top_k", g.top_k, "must be >= 0 (0 = full rows)")
+    _check(g.topk_mode in ("tail", "renormalize"), "gold.topk_mode", g.topk_mode, "must be tail or renormalize")
+    _check(t.scheduler in SCHEDULERS, "trainer.scheduler", t.scheduler, f"must be one of {SCHEDULERS}")
+    _check(cfg.loss.impl in LOSS_IMPLS, "loss.impl", cfg.loss.impl, f"must be one of {LOSS_IMPLS}")
+    _check(not (g.top_k == 0 and cfg.loss.impl in ("topk", "vocab_parallel")), "loss.impl", cfg.loss.impl,
+           "needs teacher top-k > 0 (gold.top_k=0 sends full rows: use auto, dense or fused)")
+    _check(cfg.loss.chunk_size > 0, "loss.chunk_size", cfg.loss.chunk_size, "must be > 0")
+    _check(cfg.rollout.engine in ENGINES, "rollout.engine", cfg.rollout.engine, f"must be one of {ENGINES}")
+    _check(cfg.teacher.backend in ENGINES, "teacher.backend", cfg.teacher.backend, f"must be one of {ENGINES}")
+    _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", cfg.rollout.top_p, "must be in (0, 1]")
+    _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
+    _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
+    _check(cfg.model.param_dtype == "float32", "model.param_dtype", cfg.model.param_dtype,
+           "master weights must be float32")
+    _check(t.global_batch_size >= 1, "trainer.global_batch_size", t.global_batch_size, "must be >= 1")
+    _check(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    _check(t.global_batch_size % t.grad_accum_steps == 0, "trainer.grad_accum_steps", t.grad_accum_steps,
+           f"must divide trainer.global_batch_size={t.global_batch_size}")
+    _check(t.num_epochs >= 1, "trainer.num_epochs", t.num_epochs, "must be >= 1")
+    _check(t.max_steps == -1 or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1 or -1")
+    _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
+    _check(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _check(o.schedule in LR_SCHEDULES, "optimizer.schedule", o.schedule, f"must be one of {LR_SCHEDULES}")
+    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.max_grad_norm >= 0, "optimizer.max_grad_norm", o.max_grad_norm, "must be >= 0 (0 = off)")
+    for k in ("b1", "b2"):
+        _check(0.0 <= o[k] < 1.0, f"optimizer.{k}", o[k], "must be in [0, 1)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
+    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
+    for k in ("max_prompt_length", "max_response_length"):
+        if k in cfg.data:
+            _check(cfg.data[k] >= 1, f"data.{k}", cfg.data[k], "must be >= 1")
+    if n_devices is not None:
+        validate_devices(cfg, n_devices)
+
+
+def split_devices(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
+    """(training devices, rollout devices); rollout 0 = shares the training devices."""
+    n_roll = cfg.rollout.n_devices
+    _check(0 <= n_roll < n_devices, "rollout.n_devices", n_roll,
+           f"must be in [0, {n_devices}) ({n_devices} devices, training needs at least one)")
+    n_train = cfg.trainer.n_devices or (n_devices - n_roll)
+    _check(1 <= n_train <= n_devices - n_roll, "trainer.n_devices", cfg.trainer.n_devices,
+           f"training and rollout devices ({n_roll}) must fit in the {n_devices} devices")
+    return n_train, n_roll
+
+
+def validate_devices(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
+    """Check the mesh against the training devices; returns the resolved mesh sizes."""
+    from gold_jax.sharding.mesh import mesh_sizes
+    n_train, _ = split_devices(cfg, n_devices)
+    try:
+        sizes = mesh_sizes(cfg.mesh, n_train)
+    except ValueError as e:
+        raise ValueError(f"config.mesh: {e}") from None
+    batch_shards = sizes[0] * sizes[1]
+    per = cfg.trainer.global_batch_size // cfg.trainer.grad_accum_steps
+    _check(per % batch_shards == 0, "trainer.global_batch_size", cfg.trainer.global_batch_size,
+           f"each of the {cfg.trainer.grad_accum_steps} micro-batches ({per} rows) must split over "
+           f"mesh data*fsdp={batch_shards}")
+    return sizes
+
+
+def resolve_dtype(name: str, platform: str) -> str:
+    if name != "auto":
+        return name
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def expand(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path

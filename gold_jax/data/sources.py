@@ -1,0 +1,59 @@
+"""Read rows from local parquet and jsonl files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from gold_jax.data.config import parse_files
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+    """A row that could not be read or used: why, and a short detail for the log."""
+    reason: str
+    detail: str
+
+
+class BadRow(Exception):
+    """Raised by format/tokenisation code for one unusable row."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.error = RowError(reason, detail)
+
+
+PARQUET_EXT = (".parquet", ".pq")
+JSONL_EXT = (".jsonl", ".json", ".ndjson")
+
+
+def read_file(path: str) -> list[dict[str, Any] | RowError]:
+    """All rows of one file, in order; unparsable jsonl lines become RowError."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in PARQUET_EXT:
+        return pq.read_table(path).to_pylist()
+    if ext not in JSONL_EXT:
+        raise ValueError(f"unsupported data file {path!r}: expected one of {PARQUET_EXT + JSONL_EXT}")
+    rows: list[dict[str, Any] | RowError] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue  # blank lines are not rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append(RowError("invalid_json", str(e)))
+                continue
+            rows.append(row if isinstance(row, dict) else RowError("wrong_type", f"row is a {type(row).__name__}, not an object"))
+    return rows
+
+
+def load_rows(files: Any) -> list[tuple[str, int, dict[str, Any] | RowError]]:
+    """(file, row index, row) for every row of every file (list or comma-separated string)."""
+    out = []
+    for path in parse_files(files, key="files"):
+        out.extend((path, i, row) for i, row in enumerate(read_file(path)))
+    return out

@@ -1,0 +1,169 @@
+"""Building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, decoder layer.
+
+Parameters are stored in `param_dtype` and cast to the compute dtype at use;
+norms, rotary tables and the softmax run in float32 (bf16 softmax loses the tail
+that distillation losses care about).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gold_jax.models.config import ModelConfig
+
+# Finite rather than -inf: a fully masked row (a left-pad query) gets a uniform
+# softmax instead of NaN, so padding never poisons gradients.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal", std: float = 0.02):
+    """nnx.Param carrying logical axis names (sharding/rules.py) in `out_sharding`."""
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    # eager_sharding=False: names are logical; partition.shard_model maps them to a mesh.
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.weight = param(None, (dim,), ("norm",), param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] float32, with Llama 3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv = inv.astype(np.float32)
+    if cfg.rope_type == "llama3":
+        s = cfg.rope_scaling
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half rotary embedding (HF convention). x [B,T,N,D], positions [B,T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,N,D], k/v [B,S,KV,D], mask [B,T,S] bool -> [B,T,N,D]."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, n, kv, d, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        self.cfg = cfg
+        self.q_proj = param(rngs, (h, n, d), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = param(rngs, (n, d, h), ("heads", "head_dim", "embed"), pd)
+        if cfg.attention_bias:
+            self.q_bias = param(None, (n, d), ("heads", "head_dim"), pd, init="zeros")
+            self.k_bias = param(None, (kv, d), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias = param(None, (kv, d), ("kv_heads", "head_dim"), pd, init="zeros")
+            if cfg.architecture != "qwen2":  # HF Qwen2 has no o_proj bias
+                self.o_bias = param(None, (h,), ("embed",), pd, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pd)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pd)
+
+    def qkv(self, x: jax.Array, positions: jax.Array):
+        cd = x.dtype
+        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...].astype(cd))
+        k = jnp.einsum("bth,hnd->btnd", x, self.k_proj[...].astype(cd))
+        v = jnp.einsum("bth,hnd->btnd", x, self.v_proj[...].astype(cd))
+        if self.cfg.attention_bias:
+            q = q + self.q_bias[...].astype(cd)
+            k = k + self.k_bias[...].astype(cd)
+            v = v + self.v_bias[...].astype(cd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.cfg)  # numpy constant folded into the trace
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def out(self, o: jax.Array) -> jax.Array:
+        y = jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(o.dtype))
+        if self.cfg.attention_bias and self.cfg.architecture != "qwen2":
+            y = y + self.o_bias[...].astype(o.dtype)
+        return y
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        h, i, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.gate_proj = param(rngs, (h, i), ("embed", "mlp"), pd)
+        self.up_proj = param(rngs, (h, i), ("embed", "mlp"), pd)
+        self.down_proj = param(rngs, (i, h), ("mlp", "embed"), pd)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cd = x.dtype
+        g = x @ self.gate_proj[...].astype(cd)
+        u = x @ self.up_proj[...].astype(cd)
+        return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(cd)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """Full-sequence layer: mask [B,L,L] bool (causal AND key padding)."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+        x = x + self.self_attn.out(attend(q, k, v, mask))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(self, x, positions, k_cache, v_cache, layer: int, cache_index, mask):
+        """One layer on T new tokens against the stacked cache [layers,B,S,KV,D]; returns new caches."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+        start = (layer, 0, cache_index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+        ks, vs = k_cache[layer].astype(x.dtype), v_cache[layer].astype(x.dtype)
+        x = x + self.self_attn.out(attend(q, ks, vs, mask))
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache

@@ -1,0 +1,236 @@
+"""Teacher client: futures over a ZeroMQ DEALER socket, with timeouts and retries.
+
+One I/O thread owns the socket (ZeroMQ sockets are not thread-safe). Each
+request keeps its id across retries, so the server can answer a retry from its
+cache or attach it to the running computation: a batch is never lost (it is
+re-sent after a timeout, also to a restarted server) and never applied twice
+(a future is resolved once; late duplicate replies are dropped). ZeroMQ
+reconnects the socket by itself after a server restart.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import zmq
+
+from gold_jax.teacher import protocol as P
+from gold_jax.types import RolloutResult, SequenceBatch, TeacherScores
+
+
+class TeacherError(RuntimeError):
+    """The server or a worker failed on a request."""
+
+
+@dataclasses.dataclass
+class _Req:
+    rid: str
+    op: str
+    frames: list
+    future: Future
+    decode: Callable[[P.Message], Any]
+    attempts: int = 0
+    deadline: float = 0.0
+
+
+class TeacherClient:
+    """Talk to a teacher server; several requests in flight, each a Future."""
+
+    def __init__(self, address: str, *, timeout_s: float = 60.0, max_retries: int = 5, max_in_flight: int = 4):
+        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"address must look like 'tcp://HOST:PORT', got {address!r}")
+        if timeout_s <= 0 or max_retries < 0 or max_in_flight < 1:
+            raise ValueError(f"need timeout_s > 0, max_retries >= 0, max_in_flight >= 1; got "
+                             f"{timeout_s}, {max_retries}, {max_in_flight}")
+        self.address, self.timeout_s = address, timeout_s
+        self.max_retries, self.max_in_flight = max_retries, max_in_flight
+        self._ctx = zmq.Context.instance()
+        self._submit: queue.Queue = queue.Queue()
+        self._wake_addr = f"inproc://teacher-client-{uuid.uuid4().hex}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(self._wake_addr)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._closed = threading.Event()
+        self.stats = collections.Counter()
+        self._thread = threading.Thread(target=self._loop, name="teacher-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------- public API
+    def info(self) -> dict[str, Any]:
+        return self._wait(self._call("info", {}, {}, lambda m: dict(m.args)))
+
+    def ping(self) -> dict[str, Any]:
+        return self._wait(self._call("ping", {}, {}, lambda m: dict(m.args)))
+
+    def check_student(self, vocab_size: int, tokenizer_fingerprint: str) -> dict[str, Any]:
+        """Fail at start-up (ValueError) when the teacher cannot score this student's tokens."""
+        info = self.info()
+        if info["tokenizer_fingerprint"] != tokenizer_fingerprint:
+            raise ValueError(
+                f"teacher at {self.address} ({info['model_name']}) uses a different tokenizer: fingerprint "
+                f"{info['tokenizer_fingerprint'][:16]}... != student's {str(tokenizer_fingerprint)[:16]}...; "
+                "teacher and student must share the same tokenizer")
+        if vocab_size < info["vocab_size"]:
+            raise ValueError(
+                f"student vocab_size (embedding rows) {vocab_size} is smaller than the tokenizer size "
+                f"{info['vocab_size']} of the teacher at {self.address}")
+        return info
+
+    def score(self, batch: SequenceBatch, *, top_k: int, temperature: float) -> Future:
+        """Future[TeacherScores] for the completion span of `batch` (R rows)."""
+        if not isinstance(batch, SequenceBatch):
+            raise TypeError(f"batch must be a SequenceBatch, got {type(batch).__name__}")
+        ids = np.asarray(batch.input_ids, np.int32)
+        mask = np.asarray(batch.attention_mask, np.int32)
+        b, r = ids.shape[0], batch.completion_ids.shape[1]
+        args = {"top_k": int(top_k), "temperature": float(temperature), "completion_start": batch.completion_start}
+        return self._call("score", args, {"input_ids": ids, "attention_mask": mask},
+                          lambda m: P.scores_from_message(m, batch=b, rows=r, top_k=int(top_k)))
+
+    def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, max_new_tokens: int,
+                 temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> Future:
+        """Future[RolloutResult] of teacher completions (seq_kd)."""
+        args = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
+                "top_p": float(top_p), "top_k": int(top_k), "seed": int(seed)}
+        arrays = {"prompt_ids": np.asarray(prompt_ids, np.int32), "prompt_mask": np.asarray(prompt_mask, np.int32)}
+        return self._call("generate", args, arrays, P.rollout_from_message)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._wake()
+            self._thread.join(timeout=5)
+            with self._wake_lock:
+                self._wake_tx.close(0)
+            self._wake_rx.close(0)
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- plumbing
+    def _wait(self, fut: Future) -> Any:
+        return fut.result(timeout=self.timeout_s * (self.max_retries + 1) + 5)
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if not self._wake_tx.closed:
+                try:
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # a wake-up is already pending
+
+    def _call(self, op: str, args: dict, arrays: dict, decode: Callable) -> Future:
+        if self._closed.is_set():
+            raise ConnectionError(f"TeacherClient({self.address}) is closed")
+        fut: Future = Future()
+        rid = uuid.uuid4().hex
+        self._submit.put(_Req(rid, op, P.encode_request(rid, op, args, arrays), fut, decode))
+        self._wake()
+        return fut
+
+    def _finish(self, req: _Req, result: Any = None, error: BaseException | None = None) -> None:
+        if req.future.done():
+            return
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            req.future.set_result(result)
+
+    def _send(self, sock: zmq.Socket, req: _Req) -> None:
+        req.attempts += 1
+        req.deadline = time.monotonic() + self.timeout_s
+        try:
+            sock.send_multipart(req.frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.stats["send_blocked"] += 1  # no connection yet: the timeout re-sends it
+
+    def _on_reply(self, inflight: dict, frames: list) -> None:
+        try:
+            msg = P.decode([f.buffer for f in frames], max_bytes=4 * P.MAX_MESSAGE_BYTES)
+        except P.ProtocolError:
+            self.stats["bad_replies"] += 1
+            return
+        req = inflight.pop(msg.id, None)
+        if req is None:
+            self.stats["duplicate_replies"] += 1
+            return
+        if not msg.ok:
+            cls = ValueError if msg.error.startswith("bad ") else TeacherError
+            return self._finish(req, error=cls(f"teacher at {self.address}: {msg.error}"))
+        try:
+            self._finish(req, req.decode(msg))
+        except Exception as e:  # noqa: BLE001 - a malformed reply fails only its own future
+            self._finish(req, error=TeacherError(f"teacher at {self.address} sent a bad {req.op} reply: {e}"))
+
+    def _loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)      # notice a dead TCP peer and reconnect
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        sock.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        waiting: collections.deque[_Req] = collections.deque()
+        inflight: dict[str, _Req] = {}
+        try:
+            while not self._closed.is_set():
+                now = time.monotonic()
+                nxt = min((r.deadline for r in inflight.values()), default=now + 0.5)
+                events = dict(poller.poll(timeout=max(1, min(500, (nxt - now) * 1000 + 1))))
+                if self._wake_rx in events:
+                    while True:
+                        try:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                while True:
+                    try:
+                        waiting.append(self._submit.get_nowait())
+                    except queue.Empty:
+                        break
+                if sock in events:
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_reply(inflight, frames)
+                now = time.monotonic()
+                for req in [r for r in inflight.values() if r.deadline <= now]:
+                    if req.attempts > self.max_retries:
+                        del inflight[req.rid]
+                        self._finish(req, error=TimeoutError(
+                            f"teacher server at {self.address} did not answer {req.op} request {req.rid} "
+                            f"in {req.attempts} attempts of {self.timeout_s:g}s (is it running?)"))
+                    else:
+                        self.stats["retries"] += 1
+                        self._send(sock, req)
+                while waiting and len(inflight) < self.max_in_flight:
+                    req = waiting.popleft()
+                    if req.future.cancelled():
+                        continue
+                    inflight[req.rid] = req
+                    self._send(sock, req)
+        finally:
+            err = ConnectionError(f"TeacherClient({self.address}) closed")
+            for req in [*inflight.values(), *waiting]:
+                self._finish(req, error=err)
+            while not self._submit.empty():
+                self._finish(self._submit.get_nowait(), error=err)
+            sock.close(0)

@@ -1,0 +1,299 @@
+"""Teacher server: a ZeroMQ broker between trainer clients and backend workers.
+
+Clients (DEALER) talk to the front ROUTER; workers (DEALER, in this process,
+other processes or other hosts) connect to the back ROUTER, register with
+their info and send heartbeats. The broker validates every request, batches
+compatible score requests into one worker task, remembers which request runs
+on which worker and puts it back in the queue when that worker stops
+heartbeating. Request ids make retries idempotent: a retried id that is queued
+or running just gains a waiter; a finished one gets its cached reply again.
+
+    python -m gold_jax.teacher.server --model PATH [--backend jax] [--host 127.0.0.1]
+        [--port 15555] [--worker-port 15556] [--workers N]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from gold_jax.teacher import protocol as P
+from gold_jax.teacher.backends.base import check_info
+
+log = logging.getLogger("gold_jax.teacher.server")
+
+
+@dataclasses.dataclass
+class _Task:
+    rid: str
+    op: str
+    frames: list                 # the client's message, forwarded to the worker as is
+    key: tuple | None            # score requests with equal keys can share one backend call
+    tokens: int
+    waiters: set = dataclasses.field(default_factory=set)   # client identities
+
+
+@dataclasses.dataclass
+class _Worker:
+    info: dict
+    last_seen: float
+    running: set = dataclasses.field(default_factory=set)   # request ids of its current task
+
+
+class TeacherServer:
+    """Front (clients) + back (workers) sockets and the dispatch loop; `serve()` blocks."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 15555, worker_port: int = 15556, *,
+                 heartbeat_timeout_s: float = 5.0, max_batch_tokens: int = 1 << 16,
+                 max_batch_requests: int = 16, max_message_bytes: int = P.MAX_MESSAGE_BYTES,
+                 cache_entries: int = 64, cache_bytes: int = 512 << 20):
+        self.ctx = zmq.Context.instance()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.back = self.ctx.socket(zmq.ROUTER)
+        for s in (self.front, self.back):
+            s.setsockopt(zmq.LINGER, 0)
+        # Hard cap in libzmq (drops the connection); the softer limit below gets an error reply.
+        self.front.setsockopt(zmq.MAXMSGSIZE, 4 * max_message_bytes + (1 << 20))
+        self.port = self._bind(self.front, host, port)
+        self.worker_port = self._bind(self.back, host, worker_port)
+        self.address = f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.port}"
+        self.worker_address = f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.worker_port}"
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_batch_tokens, self.max_batch_requests = max_batch_tokens, max_batch_requests
+        self.max_message_bytes = max_message_bytes
+        self.cache_entries, self.cache_bytes = cache_entries, cache_bytes
+        self.info: dict | None = None
+        self.workers: dict[bytes, _Worker] = {}
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.tasks: dict[str, _Task] = {}
+        self.done: collections.OrderedDict[str, list] = collections.OrderedDict()
+        self.held: list = []                 # requests that arrived before any worker registered
+        self.stats = collections.Counter()
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+        if port == 0:
+            return sock.bind_to_random_port(f"tcp://{host}")
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+
+    # ------------------------------------------------------------------ front
+    def _reply(self, ident: bytes, frames: list) -> None:
+        self.front.send_multipart([ident, *frames], copy=False)
+
+    def _error(self, ident: bytes, rid: str, err: str) -> None:
+        self.stats["errors"] += 1
+        self._reply(ident, P.encode_reply(rid or "?", error=err))
+
+    def _on_front(self, ident: bytes, frames: list) -> None:
+        bufs = [f.buffer for f in frames]
+        try:
+            msg = P.decode(bufs, max_bytes=self.max_message_bytes)
+            if msg.op == "reply":
+                raise P.ProtocolError("clients send requests, not replies")
+        except P.ProtocolError as e:
+            return self._error(ident, P.peek_id(bufs[0]) if bufs else "", f"bad request: {e}")
+        if msg.op == "ping":
+            return self._reply(ident, P.encode_reply(msg.id, meta={"pong": True, "workers": len(self.workers)}))
+        if self.info is None:
+            self.held.append((ident, frames))
+            return
+        if msg.op == "info":
+            return self._reply(ident, P.encode_reply(msg.id, meta=self.info))
+        if msg.id in self.done:
+            self.stats["dedup_done"] += 1
+            return self._reply(ident, self.done[msg.id])
+        if msg.id in self.tasks:
+            self.stats["dedup_running"] += 1
+            self.tasks[msg.id].waiters.add(ident)
+            return
+        try:
+            if msg.op == "score":
+                a = P.validate_score(msg, self.info)
+                key = ("score", a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1])
+                task = _Task(msg.id, msg.op, frames, key, a["input_ids"].size)
+            else:
+                P.validate_generate(msg, self.info)
+                task = _Task(msg.id, msg.op, frames, None, 0)
+        except P.ProtocolError as e:
+            return self._error(ident, msg.id, f"bad {msg.op} request: {e}")
+        task.waiters.add(ident)
+        self.tasks[msg.id] = task
+        self.queue.append(task)
+
+    # ------------------------------------------------------------------- back
+    def _send_worker(self, wid: bytes, header: dict, frames: list = ()) -> None:
+        self.back.send_multipart([wid, msgpack.packb(header), *frames], copy=False)
+
+    def _on_back(self, wid: bytes, frames: list) -> None:
+        try:
+            header = msgpack.unpackb(frames[0].bytes, raw=False)
+            kind = header["type"]
+        except Exception:  # noqa: BLE001 - a broken worker message is dropped
+            log.warning("dropping malformed worker message")
+            return
+        w = self.workers.get(wid)
+        if kind == "ready":
+            try:
+                info = check_info(header.get("info"))
+                if self.info is not None and any(info[k] != self.info[k] for k in
+                                                 ("vocab_size", "tokenizer_fingerprint")):
+                    raise ValueError("its tokenizer differs from the registered workers'")
+            except ValueError as e:
+                log.error("rejecting worker: %s", e)
+                return self._send_worker(wid, {"type": "reject", "error": str(e)})
+            if w is None:
+                self.workers[wid] = _Worker(info, time.monotonic())
+                log.info("worker %s registered (%d total)", wid.hex()[:8], len(self.workers))
+            if self.info is None:
+                self.info = info
+                held, self.held = self.held, []
+                for ident, fr in held:
+                    self._on_front(ident, fr)
+            return
+        if w is None:  # a worker from before a server restart: ask it to register again
+            return self._send_worker(wid, {"type": "who"})
+        w.last_seen = time.monotonic()
+        if kind == "reply":
+            self._on_result(w, frames[1:])
+
+    def _on_result(self, w: _Worker, frames: list) -> None:
+        try:
+            msg = P.decode([f.buffer for f in frames], max_bytes=4 * P.MAX_MESSAGE_BYTES)
+        except P.ProtocolError as e:
+            log.warning("dropping bad worker reply: %s", e)
+            return
+        w.running.discard(msg.id)
+        task = self.tasks.pop(msg.id, None)
+        if task is None:
+            return  # a late duplicate (the request was re-run elsewhere)
+        self.stats["replies"] += 1
+        for ident in task.waiters:
+            self._reply(ident, frames)
+        if msg.ok:
+            self.done[msg.id] = frames
+            while len(self.done) > self.cache_entries or (
+                    len(self.done) > 1 and sum(len(f) for fr in self.done.values() for f in fr) > self.cache_bytes):
+                self.done.popitem(last=False)
+
+    # --------------------------------------------------------------- dispatch
+    def _dispatch(self) -> None:
+        idle = [wid for wid, w in self.workers.items() if not w.running]
+        while idle and self.queue:
+            first = self.queue.popleft()
+            if first.rid not in self.tasks:
+                continue
+            batch, tokens = [first], first.tokens
+            if first.key is not None:
+                rest = collections.deque()
+                while self.queue and len(batch) < self.max_batch_requests:
+                    t = self.queue.popleft()
+                    if t.key == first.key and tokens + t.tokens <= self.max_batch_tokens:
+                        batch.append(t)
+                        tokens += t.tokens
+                    else:
+                        rest.append(t)
+                self.queue.extendleft(reversed(rest))
+            wid = idle.pop()
+            self.workers[wid].running = {t.rid for t in batch}
+            self.stats["tasks"] += 1
+            self.stats["batched_requests"] += len(batch)
+            self._send_worker(wid, {"type": "task", "n_frames": [len(t.frames) for t in batch]},
+                              [f for t in batch for f in t.frames])
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for wid, w in list(self.workers.items()):
+            if now - w.last_seen > self.heartbeat_timeout_s:
+                log.warning("worker %s missed heartbeats; re-queueing %d request(s)", wid.hex()[:8], len(w.running))
+                del self.workers[wid]
+                self.stats["workers_lost"] += 1
+                for rid in w.running:
+                    if rid in self.tasks:
+                        self.stats["requeued"] += 1
+                        self.queue.appendleft(self.tasks[rid])
+
+    # ------------------------------------------------------------------- loop
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        tick = max(0.01, min(0.25, self.heartbeat_timeout_s / 4))
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(timeout=tick * 1000))
+                if self.back in events:
+                    while True:
+                        try:
+                            wid, *frames = self.back.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_back(wid.bytes, frames)
+                if self.front in events:
+                    for _ in range(256):
+                        try:
+                            ident, *frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_front(ident.bytes, frames)
+                self._reap()
+                self._dispatch()
+        finally:
+            self.front.close(0)
+            self.back.close(0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve, name="teacher-server", daemon=True)
+        t.start()
+        return t
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF-format folder (weights + tokenizer)")
+    ap.add_argument("--backend", default="jax", choices=("jax", "vllm"))
+    ap.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 opens it to the network")
+    ap.add_argument("--port", type=int, default=15555)
+    ap.add_argument("--worker-port", type=int, default=15556)
+    ap.add_argument("--workers", type=int, default=1, help="local worker processes to start (0: none)")
+    ap.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = TeacherServer(args.host, args.port, args.worker_port, heartbeat_timeout_s=args.heartbeat_timeout)
+    procs = [subprocess.Popen([sys.executable, "-m", "gold_jax.teacher.worker", "--model", args.model,
+                               "--backend", args.backend, "--connect", server.worker_address])
+             for _ in range(args.workers)]
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    log.info("teacher server on %s, workers connect to %s", server.address, server.worker_address)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

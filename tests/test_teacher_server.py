@@ -1,0 +1,296 @@
+"""Teacher server + client over localhost with the fake backend: routing, batching, faults."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from gold_jax.teacher import protocol as P
+from gold_jax.teacher.client import TeacherClient
+from gold_jax.teacher.server import TeacherServer
+from gold_jax.teacher.worker import serve_worker
+from gold_jax.types import SequenceBatch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from teacher_fake import FAKE_FINGERPRINT, FakeBackend  # noqa: E402
+
+FAKE_SCRIPT = os.path.join(os.path.dirname(__file__), "teacher_fake.py")
+
+
+def make_batch(rng, b=3, p=5, r=4, vocab=50):
+    pm = np.ones((b, p), np.int32)
+    pm[0, :2] = 0                   # left padding
+    cm = np.ones((b, r), np.int32)
+    cm[-1, -1] = 0                  # right padding
+    return SequenceBatch(rng.integers(0, vocab, (b, p)).astype(np.int32), pm,
+                         rng.integers(0, vocab, (b, r)).astype(np.int32), cm)
+
+
+def reference(backend, batch, top_k, temperature):
+    from gold_jax.teacher.backends.base import scores_from_logits_np
+    return scores_from_logits_np(backend.logits(batch.input_ids), batch.input_ids, top_k=top_k,
+                                 temperature=temperature, completion_start=batch.completion_start,
+                                 vocab_size=backend.vocab_size)
+
+
+class Teacher:
+    """In-process server thread and worker threads; workers can also be added as processes."""
+
+    def __init__(self, n_workers=1, backend=None, **server_kw):
+        server_kw.setdefault("heartbeat_timeout_s", 1.0)
+        self.server = TeacherServer("127.0.0.1", 0, 0, **server_kw)
+        self.thread = self.server.start_thread()
+        self.backend = backend or FakeBackend()
+        self.stops, self.threads, self.procs = [], [], []
+        for _ in range(n_workers):
+            self.add_thread_worker()
+
+    def add_thread_worker(self):
+        stop = threading.Event()
+        t = threading.Thread(target=serve_worker, args=(self.backend, self.server.worker_address),
+                             kwargs={"stop": stop, "heartbeat_s": 0.1}, daemon=True)
+        t.start()
+        self.stops.append(stop)
+        self.threads.append(t)
+
+    def add_process_worker(self, *args):
+        p = subprocess.Popen([sys.executable, FAKE_SCRIPT, "--connect", self.server.worker_address, *args])
+        self.procs.append(p)
+        return p
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+        for s in self.stops:
+            s.set()
+        self.server.stop()
+        for t in [*self.threads, self.thread]:
+            t.join(5)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    t = Teacher(n_workers=2)
+    yield t
+    t.close()
+
+
+def wait_for(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("top_k,temperature", [(5, 1.0), (16, 0.9), (0, 1.3)])
+def test_score_matches_reference(teacher, top_k, temperature):
+    batch = make_batch(np.random.default_rng(top_k))
+    with TeacherClient(teacher.server.address, timeout_s=10) as c:
+        got = c.score(batch, top_k=top_k, temperature=temperature).result(20)
+    ref = reference(teacher.backend, batch, top_k, temperature)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.token_logprob, ref.token_logprob, rtol=1e-6, atol=1e-6)
+    assert got.logprobs.shape[:2] == batch.completion_ids.shape
+    if top_k:
+        np.testing.assert_array_equal(got.ids, ref.ids)
+        np.testing.assert_allclose(got.topk_logmass, ref.topk_logmass, rtol=1e-6, atol=1e-6)
+        assert got.logprobs.dtype == np.float32 and got.ids.dtype == np.int32
+    else:
+        assert got.ids is None and got.topk_logmass is None
+        assert got.logprobs.shape[-1] == teacher.backend.vocab_size
+
+
+def test_info_ping_check_student(teacher):
+    with TeacherClient(teacher.server.address, timeout_s=10) as c:
+        assert c.ping()["pong"] is True
+        info = c.info()
+        assert info["vocab_size"] == 50 and info["tokenizer_fingerprint"] == FAKE_FINGERPRINT
+        c.check_student(64, FAKE_FINGERPRINT)  # a larger (padded) student embedding is fine
+        with pytest.raises(ValueError, match="different tokenizer"):
+            c.check_student(50, "another-fingerprint")
+        with pytest.raises(ValueError, match="smaller than the tokenizer size"):
+            c.check_student(49, FAKE_FINGERPRINT)
+
+
+def test_generate_roundtrip(teacher):
+    ids = np.arange(6, dtype=np.int32).reshape(2, 3)
+    with TeacherClient(teacher.server.address, timeout_s=10) as c:
+        r = c.generate(ids, np.ones_like(ids), max_new_tokens=4, temperature=1.0, seed=2).result(20)
+    np.testing.assert_array_equal(r.prompt_ids, ids)
+    np.testing.assert_array_equal(r.completion_ids, (ids[:, -1:] + 3 + np.arange(4)) % 50)
+    assert r.finish_reason.tolist() == [1, 1]
+
+
+def test_bad_request_is_valueerror_and_server_keeps_serving(teacher):
+    batch = make_batch(np.random.default_rng(0))
+    bad = SequenceBatch(batch.prompt_ids, batch.prompt_mask, batch.completion_ids + 100, batch.completion_mask)
+    with TeacherClient(teacher.server.address, timeout_s=10) as c:
+        with pytest.raises(ValueError, match="token ids must be in"):
+            c.score(bad, top_k=4, temperature=1.0).result(20)
+        with pytest.raises(ValueError, match="top_k"):
+            c.score(batch, top_k=17, temperature=1.0).result(20)
+        with pytest.raises(ValueError, match="temperature"):
+            c.score(batch, top_k=4, temperature=0.0).result(20)
+        assert c.score(batch, top_k=4, temperature=1.0).result(20).ids.shape == (3, 4, 4)
+
+
+def _raw_roundtrip(address, frames, timeout=10.0):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout * 1000), "no reply from the server"
+        return P.decode(sock.recv_multipart())
+    finally:
+        sock.close(0)
+
+
+def test_malformed_oversized_and_random_bytes_get_error_replies():
+    t = Teacher(n_workers=1, max_message_bytes=1 << 20)
+    try:
+        addr = t.server.address
+        rng = np.random.default_rng(0)
+        good = P.encode_request("ok1", "score", {"top_k": 3, "temperature": 1.0},
+                                {"input_ids": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32)})
+        cases = {
+            "random bytes": [rng.bytes(100)],
+            "random frames": [rng.bytes(10), rng.bytes(33)],
+            "not a map": [msgpack.packb([1, 2, 3])],
+            "bad version": [msgpack.packb({"v": 99, "id": "x", "op": "ping"})],
+            "unknown op": [msgpack.packb({"v": 1, "id": "x", "op": "rm -rf", "args": {}, "arrays": []})],
+            "frame count": good[:1],
+            "short array": [good[0], bytes(good[1])[:-4], good[2]],
+            "pickle dtype": [msgpack.packb({"v": 1, "id": "x", "op": "score", "args": {},
+                                            "arrays": [["input_ids", "object", [1]]]}), b"\x80\x04."],
+            "oversized": [good[0], bytes(2 << 20), good[2]],
+        }
+        for name, frames in cases.items():
+            rep = _raw_roundtrip(addr, frames)
+            assert not rep.ok and rep.error.startswith("bad "), (name, rep.error)
+        assert "exceeds the limit" in _raw_roundtrip(addr, cases["oversized"]).error
+        rep = _raw_roundtrip(addr, good)
+        assert rep.ok and rep.arrays["ids"].shape == (1, 3, 3)
+    finally:
+        t.close()
+
+
+def test_many_concurrent_clients_get_their_own_replies(teacher):
+    rng = np.random.default_rng(1)
+    batches = [make_batch(rng, b=int(rng.integers(1, 4))) for _ in range(24)]
+    before = dict(teacher.server.stats)
+
+    def one(i):
+        with TeacherClient(teacher.server.address, timeout_s=10, max_in_flight=2) as c:
+            futs = [c.score(batches[j], top_k=4, temperature=1.0) for j in range(i, 24, 6)]
+            return [(j, f.result(30)) for j, f in zip(range(i, 24, 6), futs)]
+
+    with ThreadPoolExecutor(6) as ex:
+        results = [r for rs in ex.map(one, range(6)) for r in rs]
+    assert len(results) == 24
+    for j, got in results:
+        ref = reference(teacher.backend, batches[j], 4, 1.0)
+        np.testing.assert_array_equal(got.ids, ref.ids)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    s = teacher.server.stats
+    # Concurrent requests with the same shape were merged into shared backend calls.
+    assert s["batched_requests"] - before.get("batched_requests", 0) == 24
+    assert s["tasks"] - before.get("tasks", 0) < 24
+
+
+def test_worker_killed_mid_request_is_requeued():
+    t = Teacher(n_workers=0)
+    try:
+        mark = os.path.join(t.server.__dict__.setdefault("_tmp", os.environ.get("TMPDIR", "/tmp")),
+                            f"teacher-mark-{os.getpid()}-{time.monotonic_ns()}")
+        slow = t.add_process_worker("--delay", "30", "--mark", mark)
+        wait_for(lambda: len(t.server.workers) == 1, what="worker registration")
+        batch = make_batch(np.random.default_rng(3))
+        with TeacherClient(t.server.address, timeout_s=10, max_retries=3) as c:
+            fut = c.score(batch, top_k=4, temperature=1.0)
+            wait_for(lambda: os.path.exists(mark), what="the worker to start the request")
+            slow.kill()
+            slow.wait(10)
+            t.add_process_worker()  # a healthy worker joins the running server
+            got = fut.result(30)
+        np.testing.assert_array_equal(got.ids, reference(t.backend, batch, 4, 1.0).ids)
+        assert t.server.stats["workers_lost"] == 1 and t.server.stats["requeued"] == 1
+        os.remove(mark)
+    finally:
+        t.close()
+
+
+def test_dead_server_raises_naming_the_address():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"
+    with TeacherClient(addr, timeout_s=0.3, max_retries=2) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=addr):
+            c.score(make_batch(np.random.default_rng(0)), top_k=4, temperature=1.0).result(10)
+        assert time.monotonic() - t0 < 5
+
+
+def test_slow_worker_times_out_without_hanging():
+    t = Teacher(n_workers=0)
+    try:
+        t.add_process_worker("--delay", "60")
+        wait_for(lambda: len(t.server.workers) == 1, what="worker registration")
+        with TeacherClient(t.server.address, timeout_s=0.5, max_retries=2) as c:
+            t0 = time.monotonic()
+            fut = c.score(make_batch(np.random.default_rng(0)), top_k=4, temperature=1.0)
+            with pytest.raises(TimeoutError, match="3 attempts"):
+                fut.result(15)
+            assert time.monotonic() - t0 < 5
+            assert c.ping()["pong"]  # the server itself still answers
+        assert t.server.stats["dedup_running"] == 2  # retries joined the running request
+    finally:
+        t.close()
+
+
+def test_server_restart_while_client_waits(tmp_path):
+    import socket
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    code = ("import sys; from gold_jax.teacher.server import TeacherServer; "
+            f"s = TeacherServer('127.0.0.1', {ports[0]}, {ports[1]}, heartbeat_timeout_s=1.0); s.serve()")
+    procs = []
+    try:
+        server = subprocess.Popen([sys.executable, "-c", code])
+        procs.append(server)
+        mark = str(tmp_path / "mark")
+        procs.append(subprocess.Popen([sys.executable, FAKE_SCRIPT, "--connect", f"tcp://127.0.0.1:{ports[1]}",
+                                       "--delay", "1.5", "--mark", mark]))
+        batch = make_batch(np.random.default_rng(5))
+        with TeacherClient(f"tcp://127.0.0.1:{ports[0]}", timeout_s=2.0, max_retries=10) as c:
+            fut = c.score(batch, top_k=4, temperature=1.0)
+            wait_for(lambda: os.path.exists(mark), what="the worker to start the request")
+            server.kill()
+            server.wait(10)
+            server = subprocess.Popen([sys.executable, "-c", code])
+            procs.append(server)
+            got = fut.result(60)
+            assert c.stats["retries"] >= 1
+            got2 = c.score(batch, top_k=4, temperature=1.0).result(30)
+        ref = reference(FakeBackend(), batch, 4, 1.0)
+        np.testing.assert_array_equal(got.ids, ref.ids)
+        np.testing.assert_array_equal(got2.ids, ref.ids)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)

@@ -1,0 +1,148 @@
+"""train_step: alignment vs a float64 NumPy reference, accumulation exactness, skip, sharding."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import MESH_SHAPES
+from gold_jax.models import ModelConfig, init_model
+from gold_jax.models.partition import shard_model
+from gold_jax.sharding import make_mesh
+from gold_jax.train_step import (LossSpec, TrainState, grads_and_loss, init_state, jit_train_step, make_optimizer,
+                                 make_schedule, train_step)
+
+V, P_LEN, R, B, K = 64, 5, 6, 8, 8
+CFG = ModelConfig(architecture="qwen3", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=2, num_kv_heads=2, head_dim=16, qk_norm=True)
+
+
+def _opt(**kw):
+    c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_steps=0, min_lr_ratio=0.0,
+                                       weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0))
+    c.update(kw)
+    return c
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    plen = rng.integers(1, P_LEN + 1, B)
+    clen = rng.integers(1, R + 1, B)           # uneven: per-micro normalisation would be wrong
+    pm = (np.arange(P_LEN)[None] >= P_LEN - plen[:, None]).astype(np.int32)
+    cm = (np.arange(R)[None] < clen[:, None]).astype(np.int32)
+    ids = rng.integers(0, V, (B, P_LEN + R)).astype(np.int32)
+    t_logits = rng.normal(size=(B, R, V)) * 2
+    t_full = _log_softmax(t_logits / 0.9).astype(np.float32)
+    order = np.argsort(-t_full, -1)[..., :K]
+    t_k = np.take_along_axis(t_full, order, -1)
+    logmass = np.log(np.exp(t_k.astype(np.float64)).sum(-1)).astype(np.float32)
+    base = dict(input_ids=ids, attention_mask=np.concatenate([pm, cm], 1), completion_mask=cm)
+    return dict(topk={**base, "teacher_logprobs": t_k, "teacher_ids": order.astype(np.int32),
+                      "teacher_logmass": logmass},
+                dense={**base, "teacher_logprobs": t_full}, t_full=t_full)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(CFG, seed=0)
+
+
+def _np_dense_jsd(student_logits, t_logp, mask, beta, temp):
+    q = _log_softmax(student_logits.astype(np.float64) / temp)
+    p = t_logp.astype(np.float64)
+    m = np.log(beta * np.exp(p) + (1 - beta) * np.exp(q))
+    kl_pm = (np.exp(p) * (p - m)).sum(-1)
+    kl_qm = (np.exp(q) * (q - m)).sum(-1)
+    per = beta * kl_pm + (1 - beta) * kl_qm
+    return (per * mask).sum() / mask.sum()
+
+
+def test_dense_loss_matches_float64_reference_at_completion_positions(model, batch):
+    graphdef, params = nnx.split(model)
+    d = {k: jnp.asarray(v) for k, v in batch["dense"].items()}
+    spec = LossSpec(impl="dense", beta=0.3, temperature=0.9)
+    loss, _, n_tok = jax.jit(lambda p, b: grads_and_loss(graphdef, p, b, spec, 1))(params, d)
+    logits = np.asarray(model(d["input_ids"], d["attention_mask"]), np.float64)[:, P_LEN - 1:P_LEN + R - 1]
+    ref = _np_dense_jsd(logits, batch["t_full"], batch["dense"]["completion_mask"], 0.3, 0.9)
+    np.testing.assert_allclose(float(loss), ref, rtol=2e-5)
+    assert float(n_tok) == batch["dense"]["completion_mask"].sum()
+
+
+@pytest.mark.parametrize("impl", ["topk", "fused"])
+def test_accumulation_does_not_change_the_gradient(model, batch, impl):
+    graphdef, params = nnx.split(model)
+    d = {k: jnp.asarray(v) for k, v in batch["topk"].items()}
+    spec = LossSpec(impl=impl, beta=0.5, temperature=0.9, chunk_size=4)
+    f = jax.jit(lambda p, b, n: grads_and_loss(graphdef, p, b, spec, n)[:2], static_argnums=2)
+    l1, g1 = f(params, d, 1)
+    for n in (2, 4):
+        ln, gn = f(params, d, n)
+        np.testing.assert_allclose(float(ln), float(l1), rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7),
+                     gn, g1)
+    assert float(l1) > 0
+
+
+def test_topk_and_fused_agree(model, batch):
+    graphdef, params = nnx.split(model)
+    d = {k: jnp.asarray(v) for k, v in batch["topk"].items()}
+    out = [jax.jit(lambda p, b, s=s: grads_and_loss(graphdef, p, b, s, 1)[0])(params, d)
+           for s in (LossSpec(impl="topk"), LossSpec(impl="fused", chunk_size=4))]
+    np.testing.assert_allclose(float(out[0]), float(out[1]), rtol=1e-5)
+
+
+def test_nonfinite_step_is_skipped_and_counted(model, batch):
+    graphdef, params = nnx.split(model)
+    tx, sched = make_optimizer(_opt(), 10)
+    state = init_state(jax.tree.map(jnp.array, params), tx)
+    d = {k: jnp.asarray(v) for k, v in batch["topk"].items()}
+    bad = dict(d, teacher_logprobs=d["teacher_logprobs"].at[0, 0, 0].set(jnp.nan))
+    step = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx, schedule=sched,
+                                           spec=LossSpec(), n_micro=1))
+    before = jax.tree.map(np.asarray, state.params)
+    s1, m1 = step(state, bad)
+    assert int(m1["skipped"]) == 1 and int(s1.skipped) == 1 and int(s1.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, s1.params), before)
+    s2, m2 = step(s1, d)
+    assert int(m2["skipped"]) == 0 and int(s2.step) == 1 and int(s2.skipped) == 1
+    assert np.isfinite(float(m2["grad_norm"])) and float(m2["lr"]) == pytest.approx(1e-2)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), s2.params, before)
+    assert any(jax.tree.leaves(changed))
+
+
+def test_schedule_warmup_then_cosine():
+    s = make_schedule(_opt(lr=1.0, schedule="cosine", warmup_steps=4, min_lr_ratio=0.1), 14)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 2, 4, 9, 14)],
+                               [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", MESH_SHAPES[1:])
+def test_sharded_step_matches_unsharded(batch, devices, shape):
+    tx, sched = make_optimizer(_opt(), 10)
+    kw = dict(tx=tx, schedule=sched, spec=LossSpec(), n_micro=2)
+
+    def run(mesh):
+        m = init_model(CFG, seed=0)
+        if mesh is not None:
+            shard_model(m, mesh)
+        graphdef, params = nnx.split(m)
+        state = init_state(params, tx)
+        if mesh is None:
+            fn = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, **kw))
+        else:
+            fn = jit_train_step(state, mesh=mesh, graphdef=graphdef, **kw)
+        state, met = fn(state, {k: jnp.asarray(v) for k, v in batch["topk"].items()})
+        return float(met["loss"]), jax.tree.map(np.asarray, state.params)
+
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), devices=devices)
+    l0, p0 = run(None)
+    l1, p1 = run(mesh)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p0)
