@@ -63,10 +63,25 @@ def make_optimizer(opt_cfg: Any, total_steps: int) -> tuple[optax.GradientTransf
     return optax.chain(*parts), sched
 
 
+def _param_mesh(params: Any) -> Mesh | None:
+    for x in jax.tree.leaves(params):
+        if isinstance(getattr(x, "sharding", None), NamedSharding):
+            return x.sharding.mesh
+    return None
+
+
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-    """Optimizer state under jit so it inherits the parameters' shardings."""
-    opt_state = jax.jit(tx.init)(params)
-    return TrainState(params, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    """Optimizer state under jit so it inherits the parameters' shardings.
+
+    Leaves that jit leaves on one device (Adam's step count, our counters) are
+    replicated over the parameters' mesh: the jit'd step needs every input on it.
+    """
+    state = TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    mesh = _param_mesh(params)
+    if mesh is None:
+        return state
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), state)
 
 
 def _cast(tree: Any, dtype: str) -> Any:

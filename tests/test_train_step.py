@@ -139,10 +139,13 @@ def test_sharded_step_matches_unsharded(batch, devices, shape):
         else:
             fn = jit_train_step(state, mesh=mesh, graphdef=graphdef, **kw)
         state, met = fn(state, {k: jnp.asarray(v) for k, v in batch["topk"].items()})
-        return float(met["loss"]), jax.tree.map(np.asarray, state.params)
+        return float(met["loss"]), float(met["grad_norm"]), jax.tree.map(np.asarray, state.params)
 
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), devices=devices)
-    l0, p0 = run(None)
-    l1, p1 = run(mesh)
+    l0, g0, p0 = run(None)
+    l1, g1, p1 = run(mesh)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p0)
+    np.testing.assert_allclose(g1, g0, rtol=1e-5)
+    # Adam's first update is lr * g / (|g| + eps): where |g| is ~eps, reduction-order rounding
+    # moves it by a fraction of lr (1e-2), so parameters are compared to 1% of lr.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p0)
