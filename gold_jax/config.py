@@ -36,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0                     # host RNG (λ coins), JAX key, data order, rollout seeds
     c.run_dir = "runs/gold"        # metrics, TensorBoard, checkpoints, profiles, completions
-    c.demo = ml_collections.ConfigDict(dict(cache_dir="~/.cache/gold_jax/demo"))
+    c.demo = ml_collections.ConfigDict()
+    c.demo.cache_dir = "~/.cache/gold_jax/demo"  # built once: tokenizer, teacher, student, parquet files
+    c.demo.preset = "full"         # full (the README demo) | tiny (tests)
+    c.demo.eval_n = 256            # held-out prompts for the exact-match accuracy
 
     c.model = ml_collections.ConfigDict()
     c.model.student_path = ""      # HF-format dir; "" = the demo student
@@ -75,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.sync_every = 1       # weight sync period (steps)
+    c.rollout.gpu_memory_utilization = 0.15  # vLLM: share of (GPU, or host on CPU) memory for its KV cache
 
     c.trainer = ml_collections.ConfigDict()
     c.trainer.scheduler = "one_step_off"
@@ -154,6 +158,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.rollout.engine in ENGINES, "rollout.engine", cfg.rollout.engine, f"must be one of {ENGINES}")
     _check(cfg.teacher.backend in ENGINES, "teacher.backend", cfg.teacher.backend, f"must be one of {ENGINES}")
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", cfg.rollout.top_p, "must be in (0, 1]")
+    _check(cfg.demo.preset in ("full", "tiny"), "demo.preset", cfg.demo.preset, "must be full or tiny")
+    _check(cfg.demo.eval_n >= 1, "demo.eval_n", cfg.demo.eval_n, "must be >= 1")
+    _check(0.0 < cfg.rollout.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
+           cfg.rollout.gpu_memory_utilization, "must be in (0, 1]")
     _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
     _check(cfg.model.param_dtype == "float32", "model.param_dtype", cfg.model.param_dtype,

@@ -98,13 +98,12 @@ class MetricsWriter:
             (self._bar.write if self._bar is not None else print)(line)
 
     def close(self) -> None:
-        for f in (self._jsonl, self._samples):
+        """Idempotent: the demo closes the writer before plotting, the trainer again at exit."""
+        for f in (self._jsonl, self._samples, self._tb, self._bar):
             if f is not None:
                 f.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._bar is not None:
-            self._bar.close()
+        self._jsonl = self._samples = self._tb = self._bar = None
+        self.enabled = False
 
 
 def read_jsonl(path: str, kind: str | None = "train") -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ class LossSpec:
     mode: str = "tail"           # top-k: tail bucket or renormalize
     chunk_size: int = 256
     dtype: str = "float32"       # compute dtype of the student forward
+    vocab_size: int | None = None  # tokenizer size: logit columns at or past it are embedding padding
 
 
 def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
@@ -98,8 +99,12 @@ def loss_sum(model: nnx.Module, batch: dict[str, jax.Array], spec: LossSpec, mes
     # The distribution that predicts completion token j sits at position P-1+j (gold_jax.types).
     h = model.hidden(batch["input_ids"], batch["attention_mask"])[:, p - 1:p + r - 1]
     mask = batch["completion_mask"].astype(jnp.float32)
-    kw = dict(beta=spec.beta, temperature=spec.temperature, reduction="sum")
+    kw = dict(beta=spec.beta, temperature=spec.temperature, reduction="sum", vocab_size=spec.vocab_size)
     t_lp = batch["teacher_logprobs"]
+    width = model.config.vocab_size
+    if "teacher_ids" not in batch and t_lp.shape[-1] < width:
+        # Full teacher rows cover the tokenizer's ids; the student's padded embedding rows get -inf.
+        t_lp = jnp.pad(t_lp, [(0, 0)] * (t_lp.ndim - 1) + [(0, width - t_lp.shape[-1])], constant_values=-jnp.inf)
     if spec.impl == "fused":
         dense = "teacher_ids" not in batch
         return losses.fused_jsd(

@@ -1,0 +1,125 @@
+"""Batch production for the host loop: the λ coin, completions, and teacher futures.
+
+A batch is produced for a given future step: the coin is drawn, prompts are
+taken from the data iterator, completions come from the student (on-policy),
+the teacher (seq_kd) or the dataset, and the teacher scoring request is sent
+at once. The trainer waits on the returned future only when it trains on the
+batch, so scoring overlaps with whatever runs in between (the current update,
+under the off-policy schedulers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from gold_jax.types import SequenceBatch, TeacherScores
+
+_SEQ_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+_SCORE_KEYS = ("logprobs", "ids", "topk_logmass", "token_logprob")
+
+
+@dataclasses.dataclass
+class PendingBatch:
+    """A batch generated for `step`, possibly still waiting for its teacher scores."""
+    step: int
+    on_policy: bool
+    seq: SequenceBatch
+    gen_time: float
+    future: Future | None = None
+    scores: TeacherScores | None = None
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Checkpoint form (scores must be resolved): plain numpy arrays only."""
+        if self.scores is None:
+            raise RuntimeError(f"batch for step {self.step} has no teacher scores yet")
+        out = {f"seq.{k}": getattr(self.seq, k) for k in _SEQ_KEYS}
+        out.update({f"scores.{k}": getattr(self.scores, k) for k in _SCORE_KEYS if getattr(self.scores, k) is not None})
+        out["meta"] = np.asarray([self.step, int(self.on_policy)], np.int64)
+        out["gen_time"] = np.asarray(self.gen_time, np.float64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, d: dict[str, np.ndarray]) -> PendingBatch:
+        seq = SequenceBatch(*(np.asarray(d[f"seq.{k}"]) for k in _SEQ_KEYS))
+        scores = TeacherScores(*(None if f"scores.{k}" not in d else np.asarray(d[f"scores.{k}"])
+                                 for k in _SCORE_KEYS))
+        step, on_policy = (int(x) for x in np.asarray(d["meta"]))
+        return cls(step, bool(on_policy), seq, float(np.asarray(d["gen_time"])), scores=scores)
+
+
+def seq_from_data(data: dict[str, np.ndarray]) -> SequenceBatch:
+    """A data-pipeline batch (dataset completions) as a SequenceBatch."""
+    return SequenceBatch(*(np.asarray(data[k], np.int32) for k in _SEQ_KEYS))
+
+
+def train_arrays(seq: SequenceBatch, scores: TeacherScores) -> dict[str, np.ndarray]:
+    """The train step's input dict (gold_jax.train_step.loss_sum) for one batch."""
+    out = {"input_ids": seq.input_ids.astype(np.int32), "attention_mask": seq.attention_mask.astype(np.int32),
+           "completion_mask": seq.completion_mask.astype(np.int32),
+           "teacher_logprobs": np.asarray(scores.logprobs, np.float32)}
+    if scores.ids is not None:  # top-k rows; full rows (top_k = 0) have no ids
+        out["teacher_ids"] = np.asarray(scores.ids, np.int32)
+        out["teacher_logmass"] = np.asarray(scores.topk_logmass, np.float32)
+    r = seq.completion_ids.shape[1]
+    if out["teacher_logprobs"].shape[:2] != (seq.completion_ids.shape[0], r):
+        raise ValueError(f"teacher scores have shape {out['teacher_logprobs'].shape}, expected "
+                         f"[{seq.completion_ids.shape[0]}, {r}, k] for the completion span")
+    return out
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """Sampling seed of the batch for `step`: a function of (seed, step) only, so a resume regenerates nothing."""
+    return int(np.random.SeedSequence([int(seed), 7919, int(step)]).generate_state(1)[0])
+
+
+class BatchProducer:
+    """Draws the coin and makes the batch for a step; owns the host RNG and the data iterator."""
+
+    def __init__(self, cfg: Any, data_iter: Any, engine: Any, scorer: Any, rng: np.random.Generator):
+        self.cfg, self.data_iter, self.engine, self.scorer, self.rng = cfg, data_iter, engine, scorer, rng
+
+    def produce(self, step: int) -> PendingBatch:
+        """Raises StopIteration when the data iterator is exhausted (end of the epochs)."""
+        g = self.cfg.gold
+        t0 = time.perf_counter()
+        # The coin is drawn when generation starts, before the data is read (DESIGN.md).
+        on_policy = bool(self.rng.random() < g.lmbda)
+        data = next(self.data_iter)
+        if on_policy:
+            seq = self._sample(self.engine.generate, data, step)
+        elif g.seq_kd:
+            seq = self._sample(lambda *a, **kw: self.scorer.generate(*a, **kw).result(), data, step)
+        else:
+            seq = seq_from_data(data)
+        gen_time = time.perf_counter() - t0
+        future = self.scorer.score(seq, top_k=int(g.top_k), temperature=float(g.temperature))
+        return PendingBatch(step, on_policy, seq, gen_time, future=future)
+
+    def _sample(self, generate: Any, data: dict[str, np.ndarray], step: int) -> SequenceBatch:
+        r = self.cfg.rollout
+        out = generate(data["prompt_ids"], data["prompt_mask"], max_new_tokens=int(self.cfg.data.max_response_length),
+                       temperature=float(self.cfg.gold.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
+                       seed=rollout_seed(self.cfg.seed, step))
+        return SequenceBatch(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+
+    def resolve(self, p: PendingBatch) -> float:
+        """Wait for the batch's teacher scores (re-sending after a lost teacher); returns seconds waited."""
+        t0 = time.perf_counter()
+        deadline = t0 + float(self.cfg.teacher.wait_s)
+        while p.scores is None:
+            try:
+                p.scores = p.future.result()
+            except (TimeoutError, ConnectionError) as e:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"teacher unreachable for {self.cfg.teacher.wait_s:g}s "
+                                       f"(config.teacher.wait_s) while scoring step {p.step}: {e}") from e
+                logging.warning("teacher did not answer step %d (%s); re-sending", p.step, e)
+                p.future = self.scorer.score(p.seq, top_k=int(self.cfg.gold.top_k),
+                                             temperature=float(self.cfg.gold.temperature))
+        p.future = None
+        return time.perf_counter() - t0

@@ -1,0 +1,134 @@
+"""Build what a run needs from its config: devices, meshes, student, teacher, rollout engine, data.
+
+Kept apart from the host loop so that the loop reads as the algorithm and
+this file as the wiring. Nothing here is stateful beyond construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from gold_jax import config as config_lib
+from gold_jax.sharding import make_mesh
+
+# Data lengths the demo task needs; used when the run leaves the base defaults in place.
+DEMO_LENGTHS = {"max_prompt_length": 32, "max_response_length": 16}
+
+
+def maybe_init_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize for multi-host runs (before any device is touched)."""
+    d = cfg.distributed
+    if d.coordinator_address or d.num_processes > 1:
+        jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
+                                   num_processes=d.num_processes or None,
+                                   process_id=d.process_id if d.process_id >= 0 else None)
+
+
+def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
+    """Fill empty model/data paths with the embedded demo's assets (built on first use)."""
+    if cfg.model.student_path and (cfg.model.teacher_path or cfg.teacher.address) and cfg.data.train_files:
+        return None
+    if cfg.model.student_path or cfg.model.teacher_path or cfg.data.train_files:
+        raise ValueError("config.model.student_path, config.model.teacher_path (or config.teacher.address) and "
+                         "config.data.train_files must be given together; leave all empty for the embedded demo")
+    from gold_jax.demo.build import ensure_demo_assets
+    assets = ensure_demo_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
+    with cfg.unlocked():
+        cfg.model.student_path, cfg.model.teacher_path = assets.student_dir, assets.teacher_dir
+        cfg.data.train_files, cfg.data.val_files = assets.train_file, assets.val_file
+        base = config_lib.base_config().data
+        for k, v in DEMO_LENGTHS.items():
+            if cfg.data[k] == base[k]:
+                cfg.data[k] = v
+    return assets
+
+
+@dataclasses.dataclass
+class Devices:
+    train: list
+    rollout: list          # == train when rollout shares the training devices
+    mesh: Any
+    rollout_mesh: Any
+
+
+def make_devices(cfg: ml_collections.ConfigDict) -> Devices:
+    devs = jax.devices()
+    n_train, n_roll = config_lib.split_devices(cfg, len(devs))
+    train = devs[:n_train]
+    mesh = make_mesh(cfg.mesh, devices=train)
+    if n_roll == 0:
+        return Devices(train, train, mesh, mesh)
+    roll = devs[n_train:n_train + n_roll]
+    # The rollout subset is pure data parallel: sampling needs no fsdp/tensor split at these sizes.
+    return Devices(train, roll, mesh, make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=roll))
+
+
+def load_student(cfg: ml_collections.ConfigDict, mesh: Any) -> tuple[nnx.Module, Any]:
+    from gold_jax.data import load_tokenizer
+    from gold_jax.models.hf_io import load_pretrained
+    dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
+    model = load_pretrained(cfg.model.student_path, dtype=dtype, param_dtype=cfg.model.param_dtype, mesh=mesh)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path)
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {cfg.model.tokenizer_path or cfg.model.student_path} needs a pad and an "
+                         "eos token (set them in tokenizer_config.json)")
+    return model, tokenizer
+
+
+def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any) -> tuple[Any, Any]:
+    """(client, embedded teacher or None); the client has checked the teacher against the student."""
+    from gold_jax.fingerprint import tokenizer_fingerprint
+    from gold_jax.teacher import TeacherClient, start_local_teacher
+    local = None
+    address = cfg.teacher.address
+    if not address:
+        local = start_local_teacher(cfg.model.teacher_path, backend=cfg.teacher.backend, port=cfg.teacher.port)
+        address = local.address
+    client = TeacherClient(address, timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries,
+                           max_in_flight=cfg.teacher.max_in_flight)
+    try:
+        info = client.check_student(model.config.vocab_size, tokenizer_fingerprint(tokenizer))
+        if cfg.gold.top_k > info["max_top_k"]:
+            raise ValueError(f"config.gold.top_k={cfg.gold.top_k} exceeds the teacher's max_top_k={info['max_top_k']}")
+    except BaseException:
+        client.close()
+        if local is not None:
+            local.close()
+        raise
+    logging.info("teacher %s at %s: %s", info.get("model_name"), address, info)
+    return client, local
+
+
+def make_rollout_engine(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any, devices: Devices) -> Any:
+    from gold_jax.rollout import make_engine
+    kw = {}
+    if cfg.rollout.engine == "vllm":
+        kw = dict(model_dir=cfg.model.student_path, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+    else:
+        kw = dict(mesh=devices.rollout_mesh)
+    return make_engine(cfg.rollout.engine, model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, **kw)
+
+
+def make_data(cfg: ml_collections.ConfigDict, tokenizer: Any, split: str = "train") -> tuple[Any, int]:
+    """(iterator of this process's batches, number of global batches it yields over the epochs)."""
+    from gold_jax.data import build_dataset, make_iterator
+    kw = dict(split=split, global_batch_size=cfg.trainer.global_batch_size, process_index=jax.process_index(),
+              process_count=jax.process_count(), seed=cfg.seed,
+              num_epochs=cfg.trainer.num_epochs if split == "train" else 1)
+    ds, stats = build_dataset(cfg.data, tokenizer, **kw)
+    stats.log(split)
+    return make_iterator(cfg.data, tokenizer, **kw), len(ds)
+
+
+def write_config(cfg: ml_collections.ConfigDict, run_dir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2, default=str)
