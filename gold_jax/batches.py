@@ -97,8 +97,12 @@ class BatchProducer:
         else:
             seq = seq_from_data(data)
         gen_time = time.perf_counter() - t0
-        future = self.scorer.score(seq, top_k=int(g.top_k), temperature=float(g.temperature))
-        return PendingBatch(step, on_policy, seq, gen_time, future=future)
+        return PendingBatch(step, on_policy, seq, gen_time, future=self._score(seq, on_policy))
+
+    def _score(self, seq: SequenceBatch, on_policy: bool) -> Future:
+        kw = {"cache": not on_policy} if getattr(self.scorer, "caches", False) else {}
+        return self.scorer.score(seq, top_k=int(self.cfg.gold.top_k), temperature=float(self.cfg.gold.temperature),
+                                 **kw)
 
     def _sample(self, generate: Any, data: dict[str, np.ndarray], step: int) -> SequenceBatch:
         r = self.cfg.rollout
@@ -119,7 +123,6 @@ class BatchProducer:
                     raise RuntimeError(f"teacher unreachable for {self.cfg.teacher.wait_s:g}s "
                                        f"(config.teacher.wait_s) while scoring step {p.step}: {e}") from e
                 logging.warning("teacher did not answer step %d (%s); re-sending", p.step, e)
-                p.future = self.scorer.score(p.seq, top_k=int(self.cfg.gold.top_k),
-                                             temperature=float(self.cfg.gold.temperature))
+                p.future = self._score(p.seq, p.on_policy)
         p.future = None
         return time.perf_counter() - t0

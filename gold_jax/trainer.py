@@ -84,6 +84,7 @@ class Trainer:
         self.staleness = config_lib.STALENESS[t.scheduler]
         self.queue: collections.deque[PendingBatch] = collections.deque()
         self.step, self.n_on_policy, self.n_done = 0, 0, 0
+        self._in_update = False   # True between taking the step's batch and finishing its update
         self.ckpt = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep) \
             if cfg.checkpoint.enabled else None
         self._maybe_resume()
@@ -154,7 +155,8 @@ class Trainer:
         return self.queue[-1].gen_time
 
     def _next_to_produce(self) -> int:
-        return self.queue[-1].step + 1 if self.queue else self.step
+        # Batches are made in step order; the queue holds the ones made but not yet trained on.
+        return self.step + len(self.queue) + (1 if self._in_update else 0)
 
     def train_one(self) -> dict[str, Any] | None:
         t0 = time.perf_counter()
@@ -170,6 +172,7 @@ class Trainer:
         if not self.queue or self.queue[0].step != self.step:
             return None
         pend = self.queue.popleft()
+        self._in_update = True
         teacher_s = self.producer.resolve(pend)
         arrays = train_arrays(pend.seq, pend.scores)
         t_upd = time.perf_counter()
@@ -177,6 +180,7 @@ class Trainer:
         if s and self._next_to_produce() == self.step + s:
             gen_s += self._produce(self.step + s)   # made with θ_step while update `step` runs
         met = jax.device_get(met)
+        self._in_update = False
         now = time.perf_counter()
         self.n_done += 1
         self.n_on_policy += int(pend.on_policy)

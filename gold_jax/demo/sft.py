@@ -6,7 +6,7 @@ compiles once. Single device: demo models are tiny.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -72,14 +72,23 @@ def completion_nll(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.
 
 def sft_train(model: nnx.Module, data: SequenceBatch, *, steps: int, batch_size: int = 64,
               learning_rate: float = 3e-3, weight_decay: float = 0.01, warmup_steps: int = 50,
-              seed: int = 0, progress: bool = True, desc: str = "sft") -> list[float]:
-    """Train `model` in place on `data` for `steps` steps; returns the per-step losses."""
+              seed: int = 0, progress: bool = True, desc: str = "sft",
+              callback: Callable[[int, nnx.Module], bool] | None = None,
+              callback_every: int = 0) -> list[float]:
+    """Train `model` in place on `data` for `steps` steps; returns the per-step losses.
+
+    With `callback`, every `callback_every` steps the model is updated in place
+    and `callback(step, model)` is called; a True return stops training there
+    (the demo warms the student up only until it reaches a target accuracy).
+    """
     n = data.prompt_ids.shape[0]
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_size={batch_size} must be in [1, {n}] (the number of rows)")
-    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup_steps, steps),
+    if callback is not None and callback_every < 1:
+        raise ValueError(f"callback_every must be >= 1 with a callback, got {callback_every}")
+    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup_steps, steps - 1),
                                                steps, end_value=learning_rate * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -107,5 +116,10 @@ def sft_train(model: nnx.Module, data: SequenceBatch, *, steps: int, batch_size:
         losses.append(loss)
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{float(loss):.4f}")
+        if callback is not None and len(losses) % callback_every == 0:
+            nnx.update(model, params)
+            if callback(len(losses), model):
+                break
+    bar.close()
     nnx.update(model, params)
     return [float(x) for x in jax.device_get(losses)]
