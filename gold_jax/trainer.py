@@ -52,6 +52,13 @@ class Trainer:
     def __init__(self, cfg: ml_collections.ConfigDict):
         config_lib.validate(cfg, len(jax.devices()))
         self.cfg = cfg
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()   # the embedded teacher and client threads must not outlive a failed start
+            raise
+
+    def _build(self, cfg: ml_collections.ConfigDict) -> None:
         self.demo = components.resolve_demo(cfg)
         self.run_dir = config_lib.expand(cfg.run_dir)
         components.write_config(cfg, self.run_dir)

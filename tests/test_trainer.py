@@ -72,7 +72,8 @@ def pulse(assets, tmp_path_factory):
     """One run of 6 steps, one_step_off, lmbda 0.5, on the default 8-device mesh."""
     run_dir = tmp_path_factory.mktemp("pulse")
     cfg = make_cfg(assets, run_dir, **{"trainer.max_steps": 6, "gold.lmbda": 0.5, "trainer.eval_every": 3,
-                                       "trainer.log_completions_every": 2})
+                                       "trainer.log_completions_every": 2, "profile.start_step": 2,
+                                       "profile.num_steps": 1})
     run(cfg)
     return run_dir
 
@@ -90,6 +91,23 @@ def test_pulse_writes_every_metric_and_learns(pulse):
     comps = [json.loads(x) for x in open(os.path.join(pulse, "completions.jsonl"))]
     assert comps and all(np.isfinite(c["teacher_nll"]) for c in comps)
     assert os.path.isdir(os.path.join(pulse, "checkpoints", "6"))
+    traces = [f for _, _, fs in os.walk(os.path.join(pulse, "profile")) for f in fs if ".xplane.pb" in f]
+    assert traces, "no XLA profiler trace written"
+
+
+def test_corrupt_checkpoint_is_a_clear_error(assets, pulse, tmp_path):
+    import shutil
+    from gold_jax.trainer import Trainer
+    run_dir = tmp_path / "run"
+    shutil.copytree(pulse, run_dir)
+    step_dir = run_dir / "checkpoints" / "6" / "state"
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    cfg = make_cfg(assets, run_dir, **{"trainer.max_steps": 8})
+    with pytest.raises(RuntimeError, match="checkpoint step 6"):
+        Trainer(cfg)
 
 
 def test_export_loads_in_transformers(pulse, tmp_path):
