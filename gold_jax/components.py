@@ -58,8 +58,39 @@ class Devices:
     rollout_mesh: Any
 
 
+def guard_vllm_gpu_memory(cfg: ml_collections.ConfigDict, platform: str) -> None:
+    """Fail early when a vLLM rollout engine would find no GPU memory left by JAX.
+
+    JAX preallocates 75% of a GPU's memory when its backend starts, and the vLLM engine
+    (rollout.engine="vllm") runs on the same GPU and needs rollout.gpu_memory_utilization of it.
+    The limit has to be in the environment before JAX starts its backend, so it cannot be set
+    from here, only checked: run with e.g. `XLA_PYTHON_CLIENT_MEM_FRACTION=0.5` and
+    `--config.rollout.gpu_memory_utilization=0.4` (sum at most 0.95), or with
+    `XLA_PYTHON_CLIENT_PREALLOCATE=false`. CPU and TPU are not affected.
+    """
+    if cfg.rollout.engine != "vllm" or platform not in ("gpu", "cuda", "rocm"):
+        return
+    env = os.environ
+    if env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0") \
+            or env.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "platform":
+        return
+    util, frac = float(cfg.rollout.gpu_memory_utilization), env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    try:
+        ok = frac is not None and float(frac) + util <= 0.95
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"rollout.engine='vllm' on {platform}: JAX preallocates {'75%' if frac is None else frac} of GPU memory "
+            f"and vLLM needs rollout.gpu_memory_utilization={util:g} of it on the same GPU. Set "
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. {max(0.95 - util, 0.05):.2f}) so that it plus "
+            "rollout.gpu_memory_utilization is at most 0.95, or XLA_PYTHON_CLIENT_PREALLOCATE=false, in the "
+            "environment before starting the run (JAX reads it when its backend starts)")
+
+
 def make_devices(cfg: ml_collections.ConfigDict) -> Devices:
     devs = jax.devices()
+    guard_vllm_gpu_memory(cfg, devs[0].platform)
     n_train, n_roll = config_lib.split_devices(cfg, len(devs))
     train = devs[:n_train]
     mesh = make_mesh(cfg.mesh, devices=train)
@@ -110,21 +141,27 @@ def make_rollout_engine(cfg: ml_collections.ConfigDict, model: nnx.Module, token
     from gold_jax.rollout import make_engine
     kw = {}
     if cfg.rollout.engine == "vllm":
-        kw = dict(model_dir=cfg.model.student_path, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        # The engine runs in the student's compute dtype, and reserves KV cache for the run's
+        # lengths only (not the checkpoint's max_position_embeddings, often 32k+).
+        kw = dict(model_dir=cfg.model.student_path, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                  dtype=config_lib.resolve_dtype(cfg.model.dtype, devices.rollout[0].platform),
+                  max_model_len=int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length))
     else:
         kw = dict(mesh=devices.rollout_mesh)
     return make_engine(cfg.rollout.engine, model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, **kw)
 
 
-def make_data(cfg: ml_collections.ConfigDict, tokenizer: Any, split: str = "train") -> tuple[Any, int]:
-    """(iterator of this process's batches, number of global batches it yields over the epochs)."""
-    from gold_jax.data import build_dataset, make_iterator
+def make_data(cfg: ml_collections.ConfigDict, tokenizer: Any, split: str = "train") -> Any:
+    """This process's batched grain dataset (over all epochs for train, one pass for val).
+
+    Tokenised once; `gold_jax.data.pipeline.iterate(ds, cfg.data)` gives a fresh
+    checkpointable iterator, len(ds) the number of global batches.
+    """
+    from gold_jax.data import build_dataset
     kw = dict(split=split, global_batch_size=cfg.trainer.global_batch_size, process_index=jax.process_index(),
               process_count=jax.process_count(), seed=cfg.seed,
               num_epochs=cfg.trainer.num_epochs if split == "train" else 1)
-    ds, stats = build_dataset(cfg.data, tokenizer, **kw)
-    stats.log(split)
-    return make_iterator(cfg.data, tokenizer, **kw), len(ds)
+    return build_dataset(cfg.data, tokenizer, **kw)[0]   # tokenize_files logs the row accounting
 
 
 def write_config(cfg: ml_collections.ConfigDict, run_dir: str) -> None:

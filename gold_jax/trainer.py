@@ -26,6 +26,7 @@ from flax import nnx
 from gold_jax import components, config as config_lib
 from gold_jax.batches import BatchProducer, PendingBatch, seq_from_data, train_arrays
 from gold_jax.checkpoint import Checkpointer
+from gold_jax.data.pipeline import iterate
 from gold_jax.metrics import MetricsWriter, mfu
 from gold_jax.models.flops import flops_per_token
 from gold_jax.train_step import LossSpec, batch_sharding, init_state, jit_train_step, make_optimizer, eval_loss
@@ -70,7 +71,9 @@ class Trainer:
         if cfg.teacher.cache_dir:
             from gold_jax.teacher.cache import CachedScorer
             self.scorer = CachedScorer(self.teacher, config_lib.expand(cfg.teacher.cache_dir))
-        self.data_iter, n_batches = components.make_data(cfg, self.tokenizer)
+        train_ds = components.make_data(cfg, self.tokenizer)
+        self.data_iter, n_batches = iterate(train_ds, cfg.data), len(train_ds)
+        self._val_ds = components.make_data(cfg, self.tokenizer, "val") if cfg.data.val_files else None
         t = cfg.trainer
         self.total_steps = n_batches if t.max_steps == -1 else min(t.max_steps, n_batches)
         if self.total_steps < 1:
@@ -231,11 +234,11 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Validation JSD on data.val_files (teacher-scored) and, for the demo, exact-match accuracy."""
         out: dict[str, Any] = {}
-        if self.cfg.data.val_files:
+        if self._val_ds is not None:
             if self._eval is None:
                 self._eval = jax.jit(lambda p, b: eval_loss(p, b, graphdef=self.graphdef, spec=self.spec,
                                                             mesh=self.mesh))
-            it, _ = components.make_data(self.cfg, self.tokenizer, split="val")
+            it = iterate(self._val_ds, self.cfg.data)
             total = count = 0.0
             for _, data in zip(range(self.cfg.trainer.eval_batches), it):
                 seq = seq_from_data(data)

@@ -98,6 +98,11 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, tokenizer: Any, *, split:
     ds, _ = build_dataset(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
                           process_index=process_index, process_count=process_count, seed=seed,
                           num_epochs=num_epochs)
+    return iterate(ds, data_cfg)
+
+
+def iterate(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> grain.DatasetIterator:
+    """Checkpointable iterator over a dataset from `build_dataset` (threads, optional worker processes)."""
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=8))
     if data_cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():
