@@ -318,3 +318,90 @@ def test_val_split_pads_final_partial_batch(tok, varied_file, tmp_path):
     batches = list(make_iterator(cfg, tok, split="val", global_batch_size=4, num_epochs=1))
     assert len(batches) == 2
     assert batches[1]["completion_mask"][1:].sum() == 0 and batches[1]["completion_mask"][0].sum() > 0
+
+
+# ---------------------------------------------------------------- audit additions
+
+def test_multiple_files_mixed_formats_in_file_order(tok, tmp_path):
+    a = write_parquet(tmp_path / "a.parquet", [{"prompt": [{"role": "user", "content": question(i)}],
+                                               "response": answer(i)} for i in range(3)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": question(i)},
+                                                        {"role": "assistant", "content": answer(i)}]}
+                                          for i in range(3, 6)])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"text": answer(i)} for i in range(6, 8)])
+    expected = [(chatml([{"role": "user", "content": question(i)}], gen=True), answer(i) + IM_END, False)
+                for i in range(6)] + [("<|endoftext|>", answer(i), True) for i in range(6, 8)]
+    _check_rows(tok, cfg_for(f"{a},{b}, {c}"), expected)
+    _check_rows(tok, cfg_for([a, b, c]), expected)
+
+
+def test_bad_first_row_does_not_hide_the_format(tok, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "q"}]},          # 0: no response column
+            *({"prompt": [{"role": "user", "content": question(i)}], "response": answer(i)} for i in range(3))]
+    path = write_jsonl(tmp_path / "v.jsonl", rows)
+    examples, stats = tokenize_files(path, tok, cfg_for(path))
+    assert len(examples) == 3 and [(i, r) for _, i, r, _ in stats.bad_rows] == [(0, "missing_column")]
+
+
+def test_invalid_utf8_line_and_corrupt_parquet_are_named(tok, tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_bytes(b'{"text": "one two"}\n{"text": "\xff\xfe"}\n{"text": "three four"}\n')
+    examples, stats = tokenize_files(str(path), tok, cfg_for(str(path)))
+    assert len(examples) == 2 and [(i, r) for _, i, r, _ in stats.bad_rows] == [(1, "invalid_utf8")]
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="broken.parquet"):
+        tokenize_files(str(bad), tok, cfg_for(str(bad)))
+    with pytest.raises(ValueError, match="unsupported data file"):
+        tokenize_files(write_jsonl(tmp_path / "x.csv", ["a,b"]), tok, cfg_for("x"))
+
+
+def test_response_drop_policy_and_drops_logged(tok, tmp_path, caplog):
+    from absl import logging as absl_logging
+    rows = [{"prompt": question(i), "response": answer(i) * (8 if i % 2 else 1)} for i in range(6)]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    cfg = cfg_for(path, apply_chat_template=False, max_response_length=12, response_truncation="drop")
+    absl_logging.get_absl_handler()  # make absl log through the std logging tree that caplog watches
+    with caplog.at_level("INFO"):
+        examples, stats = tokenize_files(path, tok, cfg)
+    assert len(examples) == 3 and stats.dropped == {"response_too_long": 3}
+    assert sorted(i for _, i, _, _ in stats.bad_rows) == [1, 3, 5]
+    text = caplog.text
+    assert "dropped row 1 of" in text and "r.jsonl" in text and "'rows_dropped': 3" in text
+    assert all(len(c) <= 12 for _, c in examples)
+
+
+def test_conversational_without_chat_template_names_the_file(tok, tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(ValueError, match="m.jsonl.*apply_chat_template"):
+        tokenize_files(path, tok, cfg_for(path, apply_chat_template=False))
+
+
+def test_completion_mask_marks_exactly_the_completion_tokens(tok, tmp_path):
+    """Per-position check on the concatenated model input, as the loss sees it."""
+    rows = [{"prompt": question(i) * (1 + i % 3), "completion": answer(i) * (1 + i % 2)} for i in range(8)]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    batch = next(make_iterator(cfg_for(path, apply_chat_template=False), tok, global_batch_size=8))
+    sb = SequenceBatch(**batch)
+    ids, mask = sb.input_ids, sb.attention_mask
+    P = sb.completion_start
+    for i, r in enumerate(rows):
+        comp = enc(tok, r["completion"]) + [tok.eos_token_id]
+        loss_pos = np.flatnonzero(batch["completion_mask"][i]) + P
+        assert ids[i, loss_pos].tolist() == comp               # the loss sees exactly the completion
+        assert mask[i, :P].sum() == len(enc(tok, r["prompt"]))  # prompt tokens attend but carry no loss
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_exactly(tok, varied_file):
+    cfg = cfg_for(varied_file, shuffle=True, num_workers=2)
+    full = _take(make_iterator(cfg_for(varied_file, shuffle=True), tok, global_batch_size=4), 8)
+    it = make_iterator(cfg, tok, global_batch_size=4)
+    got = _take(it, 3)
+    state = iterator_state_to_json(it.get_state())
+    resumed = make_iterator(cfg, tok, global_batch_size=4)
+    resumed.set_state(iterator_state_from_json(state))
+    for want, have in zip(full, got + _take(resumed, 5)):
+        for k in want:
+            np.testing.assert_array_equal(want[k], have[k])

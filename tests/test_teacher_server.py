@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from gold_jax.teacher import protocol as P
-from gold_jax.teacher.client import TeacherClient
+from gold_jax.teacher.client import TeacherClient, TeacherError
 from gold_jax.teacher.server import TeacherServer
 from gold_jax.teacher.worker import serve_worker
 from gold_jax.types import SequenceBatch
@@ -216,15 +216,20 @@ def test_worker_killed_mid_request_is_requeued():
         slow = t.add_process_worker("--delay", "30", "--mark", mark)
         wait_for(lambda: len(t.server.workers) == 1, what="worker registration")
         batch = make_batch(np.random.default_rng(3))
+        other = make_batch(np.random.default_rng(4), r=6)  # another length: a second task, not merged
         with TeacherClient(t.server.address, timeout_s=10, max_retries=3) as c:
             fut = c.score(batch, top_k=4, temperature=1.0)
             wait_for(lambda: os.path.exists(mark), what="the worker to start the request")
+            fut2 = c.score(other, top_k=4, temperature=1.0)
+            # prefetch: the second task waits in the busy worker, not in the server's queue
+            wait_for(lambda: t.server.stats["tasks"] == 2, what="the second task to be prefetched")
             slow.kill()
             slow.wait(10)
             t.add_process_worker()  # a healthy worker joins the running server
-            got = fut.result(30)
+            got, got2 = fut.result(30), fut2.result(30)
         np.testing.assert_array_equal(got.ids, reference(t.backend, batch, 4, 1.0).ids)
-        assert t.server.stats["workers_lost"] == 1 and t.server.stats["requeued"] == 1
+        np.testing.assert_array_equal(got2.ids, reference(t.backend, other, 4, 1.0).ids)
+        assert t.server.stats["workers_lost"] == 1 and t.server.stats["requeued"] == 2
         os.remove(mark)
     finally:
         t.close()
@@ -294,3 +299,19 @@ def test_server_restart_while_client_waits(tmp_path):
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+def test_queue_is_bounded():
+    t = Teacher(n_workers=0, max_queue=2)
+    try:
+        batch = make_batch(np.random.default_rng(0))
+        with TeacherClient(t.server.address, timeout_s=10, max_in_flight=4) as c:
+            futs = [c.score(batch, top_k=4, temperature=1.0) for _ in range(3)]
+            with pytest.raises(TeacherError, match="server busy"):
+                futs[2].result(20)
+            assert not futs[0].done()       # held until a worker registers
+            t.add_thread_worker()
+            for f in futs[:2]:
+                assert f.result(20).ids.shape == (3, 4, 4)
+    finally:
+        t.close()

@@ -31,15 +31,28 @@ JSONL_EXT = (".jsonl", ".json", ".ndjson")
 
 
 def read_file(path: str) -> list[dict[str, Any] | RowError]:
-    """All rows of one file, in order; unparsable jsonl lines become RowError."""
+    """All rows of one file, in order; unparsable jsonl lines become RowError.
+
+    A file that cannot be opened or parsed at all is a ValueError naming it, so
+    a corrupt shard is never mistaken for an empty one.
+    """
     ext = os.path.splitext(path)[1].lower()
     if ext in PARQUET_EXT:
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise ValueError(f"data file {path!r} is not a readable parquet file: {e}") from None
     if ext not in JSONL_EXT:
         raise ValueError(f"unsupported data file {path!r}: expected one of {PARQUET_EXT + JSONL_EXT}")
     rows: list[dict[str, Any] | RowError] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for raw in f:
+            # Decode per line: one bad byte sequence costs one row, not the whole file.
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append(RowError("invalid_utf8", str(e)))
+                continue
             if not line.strip():
                 continue  # blank lines are not rows
             try:

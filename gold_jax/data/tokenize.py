@@ -15,6 +15,7 @@ from gold_jax.data.sources import BadRow, RowError, read_file
 
 Example = tuple[np.ndarray, np.ndarray]  # (prompt_ids int32 [p], completion_ids int32 [r])
 MAX_LOGGED_BAD_ROWS = 20  # per file; all are counted
+DETECT_ROWS = 100         # rows looked at to detect a file's format
 
 
 @dataclasses.dataclass
@@ -49,7 +50,8 @@ class DatasetStats:
                 "truncated_responses": self.truncated_responses}
 
     def log(self, name: str) -> None:
-        logging.info("data[%s]: %s", name, self.to_dict())
+        # Drops are a warning, so they show up even when info logs are filtered.
+        (logging.warning if self.rows_dropped else logging.info)("data[%s]: %s", name, self.to_dict())
 
 
 def _start_id(tokenizer: Any) -> int:
@@ -68,6 +70,19 @@ def _truncate(ids: list[int], limit: int, policy: str, what: str) -> tuple[list[
     return (ids[-limit:] if policy == "left" else ids[:limit]), True
 
 
+def _detect(rows: list, cfg: ml_collections.ConfigDict, path: str) -> str:
+    """Format of the first rows that reveal one, so one bad leading row stays a bad row."""
+    readable = [r for r in rows[:DETECT_ROWS] if not isinstance(r, RowError)]
+    for r in readable:
+        try:
+            return detect_format(r, cfg, path)
+        except ValueError:
+            continue
+    if not readable:
+        return "text"  # nothing readable: every row is reported bad and the file is an error
+    return detect_format(readable[0], cfg, path)  # raises, naming the file and its columns
+
+
 def tokenize_file(path: str, tokenizer: Any, cfg: ml_collections.ConfigDict) -> tuple[list[Example], DatasetStats]:
     """Every usable row of one file; a file with no usable rows is a ValueError naming it."""
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
@@ -75,8 +90,7 @@ def tokenize_file(path: str, tokenizer: Any, cfg: ml_collections.ConfigDict) -> 
     eos = int(tokenizer.eos_token_id)
     rows = read_file(path)
     stats = DatasetStats(rows_read=len(rows))
-    first = next((r for r in rows if not isinstance(r, RowError)), None)
-    fmt = cfg.format if cfg.format != "auto" else (detect_format(first, cfg, path) if first is not None else "text")
+    fmt = cfg.format if cfg.format != "auto" else _detect(rows, cfg, path)
 
     texts: list[tuple[int, str | None, str, bool]] = []
     for i, row in enumerate(rows):
@@ -86,6 +100,8 @@ def tokenize_file(path: str, tokenizer: Any, cfg: ml_collections.ConfigDict) -> 
             texts.append((i, *render(tokenizer, *split_row(row, fmt, cfg), cfg.apply_chat_template)))
         except BadRow as e:
             stats.add_bad(path, i, e.error)
+        except ValueError as e:  # a setting that cannot work for this file (e.g. no chat template)
+            raise ValueError(f"data file {path!r} (format {fmt!r}), row {i}: {e}") from None
 
     # One batched (Rust, multi-threaded) call per column instead of one per row.
     enc = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"] if xs else []  # noqa: E731

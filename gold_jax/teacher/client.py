@@ -44,7 +44,10 @@ class _Req:
 class TeacherClient:
     """Talk to a teacher server; several requests in flight, each a Future."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0, max_retries: int = 5, max_in_flight: int = 4):
+    def __init__(self, address: str, *, timeout_s: float = 60.0, max_retries: int = 5, max_in_flight: int = 4,
+                 student_vocab_size: int | None = None, tokenizer_fingerprint: str | None = None):
+        """With `tokenizer_fingerprint` (and optionally `student_vocab_size`) the teacher's info is
+        checked here, so a tokenizer mismatch fails at start-up instead of as a wrong loss later."""
         if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"address must look like 'tcp://HOST:PORT', got {address!r}")
         if timeout_s <= 0 or max_retries < 0 or max_in_flight < 1:
@@ -64,6 +67,13 @@ class TeacherClient:
         self.stats = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="teacher-client", daemon=True)
         self._thread.start()
+        self.teacher_info: dict[str, Any] | None = None
+        if tokenizer_fingerprint is not None:
+            try:
+                self.teacher_info = self.check_student(student_vocab_size, tokenizer_fingerprint)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------- public API
     def info(self) -> dict[str, Any]:
@@ -72,15 +82,20 @@ class TeacherClient:
     def ping(self) -> dict[str, Any]:
         return self._wait(self._call("ping", {}, {}, lambda m: dict(m.args)))
 
-    def check_student(self, vocab_size: int, tokenizer_fingerprint: str) -> dict[str, Any]:
-        """Fail at start-up (ValueError) when the teacher cannot score this student's tokens."""
+    def check_student(self, vocab_size: int | None, tokenizer_fingerprint: str) -> dict[str, Any]:
+        """Fail at start-up (ValueError) when the teacher cannot score this student's tokens.
+
+        Fingerprints, not sizes, decide: checkpoints sharing a tokenizer may pad their
+        embeddings differently (151936 vs 152064 rows), and the teacher never returns
+        ids beyond the tokenizer, so any student with at least that many rows fits.
+        """
         info = self.info()
         if info["tokenizer_fingerprint"] != tokenizer_fingerprint:
             raise ValueError(
                 f"teacher at {self.address} ({info['model_name']}) uses a different tokenizer: fingerprint "
                 f"{info['tokenizer_fingerprint'][:16]}... != student's {str(tokenizer_fingerprint)[:16]}...; "
                 "teacher and student must share the same tokenizer")
-        if vocab_size < info["vocab_size"]:
+        if vocab_size is not None and vocab_size < info["vocab_size"]:
             raise ValueError(
                 f"student vocab_size (embedding rows) {vocab_size} is smaller than the tokenizer size "
                 f"{info['vocab_size']} of the teacher at {self.address}")

@@ -55,8 +55,11 @@ class LocalTeacher:
 
 def start_local_teacher(model_path: str | None, *, backend: str | TeacherBackend = "jax", port: int = 0,
                         workers: int = 1, in_process: bool = True, ready_timeout_s: float = 300.0,
-                        **server_kw: Any) -> LocalTeacher:
+                        inproc: bool = True, **server_kw: Any) -> LocalTeacher:
     """Start server + `workers` workers on 127.0.0.1 (port 0 picks free ports).
+
+    In process, `.address` is an inproc:// endpoint (for clients in this process) unless
+    `inproc=False`; the TCP port is open either way (`.server.address`).
 
     `backend` is a kind ("jax", "vllm") built from `model_path`, or, in process,
     an already built TeacherBackend object shared by the worker threads.
@@ -72,12 +75,14 @@ def start_local_teacher(model_path: str | None, *, backend: str | TeacherBackend
         be = backend if isinstance(backend, TeacherBackend) else make_backend(backend, model_path)
         for i in range(workers):
             stop = threading.Event()
-            t = threading.Thread(target=serve_worker, args=(be, server.worker_address), kwargs={"stop": stop},
+            t = threading.Thread(target=serve_worker, args=(be, server.inproc_worker_address), kwargs={"stop": stop},
                                  name=f"teacher-worker-{i}", daemon=True)
             t.start()
             threads.append(t)
             stops.append(stop)
-        return LocalTeacher(server.address, server=server, threads=threads, stops=stops)
+        # The trainer shares this process (and ZeroMQ context): inproc skips TCP and copies.
+        address = server.inproc_address if inproc else server.address
+        return LocalTeacher(address, server=server, threads=threads, stops=stops)
     if not isinstance(backend, str):
         raise TypeError("a subprocess teacher needs backend as a kind string ('jax' or 'vllm')")
     port = port or _free_port()

@@ -13,14 +13,10 @@ or running just gains a waiter; a finished one gets its cached reply again.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -48,7 +44,11 @@ class _Task:
 class _Worker:
     info: dict
     last_seen: float
-    running: set = dataclasses.field(default_factory=set)   # request ids of its current task
+    tasks: list = dataclasses.field(default_factory=list)   # request-id sets of the tasks it holds
+
+    @property
+    def running(self) -> set:
+        return set().union(*self.tasks)
 
 
 class TeacherServer:
@@ -57,7 +57,8 @@ class TeacherServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 15555, worker_port: int = 15556, *,
                  heartbeat_timeout_s: float = 5.0, max_batch_tokens: int = 1 << 16,
                  max_batch_requests: int = 16, max_message_bytes: int = P.MAX_MESSAGE_BYTES,
-                 cache_entries: int = 64, cache_bytes: int = 512 << 20):
+                 cache_entries: int = 64, cache_bytes: int = 512 << 20, max_queue: int = 1024,
+                 worker_prefetch: int = 2):
         self.ctx = zmq.Context.instance()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.back = self.ctx.socket(zmq.ROUTER)
@@ -69,10 +70,20 @@ class TeacherServer:
         self.worker_port = self._bind(self.back, host, worker_port)
         self.address = f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.port}"
         self.worker_address = f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.worker_port}"
+        # In-process endpoints: threads of this process (the embedded teacher) skip TCP, and
+        # inproc hands over message buffers without copying them.
+        tag = f"{os.getpid()}-{id(self):x}"
+        self.inproc_address, self.inproc_worker_address = f"inproc://teacher-{tag}", f"inproc://teacher-back-{tag}"
+        self.front.bind(self.inproc_address)
+        self.back.bind(self.inproc_worker_address)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_batch_tokens, self.max_batch_requests = max_batch_tokens, max_batch_requests
         self.max_message_bytes = max_message_bytes
         self.cache_entries, self.cache_bytes = cache_entries, cache_bytes
+        self.max_queue = max_queue  # bounds the memory a flood of requests can pin
+        if worker_prefetch < 1:
+            raise ValueError(f"worker_prefetch must be >= 1, got {worker_prefetch}")
+        self.worker_prefetch = worker_prefetch
         self.info: dict | None = None
         self.workers: dict[bytes, _Worker] = {}
         self.queue: collections.deque[_Task] = collections.deque()
@@ -108,6 +119,8 @@ class TeacherServer:
         if msg.op == "ping":
             return self._reply(ident, P.encode_reply(msg.id, meta={"pong": True, "workers": len(self.workers)}))
         if self.info is None:
+            if len(self.held) >= self.max_queue:
+                return self._error(ident, msg.id, f"server busy: {self.max_queue} requests wait for a worker")
             self.held.append((ident, frames))
             return
         if msg.op == "info":
@@ -119,6 +132,8 @@ class TeacherServer:
             self.stats["dedup_running"] += 1
             self.tasks[msg.id].waiters.add(ident)
             return
+        if len(self.queue) >= self.max_queue:
+            return self._error(ident, msg.id, f"server busy: {self.max_queue} requests already queued")
         try:
             if msg.op == "score":
                 a = P.validate_score(msg, self.info)
@@ -175,7 +190,9 @@ class TeacherServer:
         except P.ProtocolError as e:
             log.warning("dropping bad worker reply: %s", e)
             return
-        w.running.discard(msg.id)
+        for ids in w.tasks:
+            ids.discard(msg.id)
+        w.tasks = [ids for ids in w.tasks if ids]
         task = self.tasks.pop(msg.id, None)
         if task is None:
             return  # a late duplicate (the request was re-run elsewhere)
@@ -190,7 +207,10 @@ class TeacherServer:
 
     # --------------------------------------------------------------- dispatch
     def _dispatch(self) -> None:
-        idle = [wid for wid, w in self.workers.items() if not w.running]
+        # A worker may hold `worker_prefetch` tasks: the next one waits in the worker while the
+        # current one computes, so the accelerator does not idle for a broker round trip.
+        idle = [wid for d in range(self.worker_prefetch) for wid, w in self.workers.items() if len(w.tasks) <= d]
+        idle.reverse()  # pop() gives the least loaded worker first
         while idle and self.queue:
             first = self.queue.popleft()
             if first.rid not in self.tasks:
@@ -207,7 +227,7 @@ class TeacherServer:
                         rest.append(t)
                 self.queue.extendleft(reversed(rest))
             wid = idle.pop()
-            self.workers[wid].running = {t.rid for t in batch}
+            self.workers[wid].tasks.append({t.rid for t in batch})
             self.stats["tasks"] += 1
             self.stats["batched_requests"] += len(batch)
             self._send_worker(wid, {"type": "task", "n_frames": [len(t.frames) for t in batch]},
@@ -264,35 +284,9 @@ class TeacherServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF-format folder (weights + tokenizer)")
-    ap.add_argument("--backend", default="jax", choices=("jax", "vllm"))
-    ap.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 opens it to the network")
-    ap.add_argument("--port", type=int, default=15555)
-    ap.add_argument("--worker-port", type=int, default=15556)
-    ap.add_argument("--workers", type=int, default=1, help="local worker processes to start (0: none)")
-    ap.add_argument("--heartbeat-timeout", type=float, default=10.0)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = TeacherServer(args.host, args.port, args.worker_port, heartbeat_timeout_s=args.heartbeat_timeout)
-    procs = [subprocess.Popen([sys.executable, "-m", "gold_jax.teacher.worker", "--model", args.model,
-                               "--backend", args.backend, "--connect", server.worker_address])
-             for _ in range(args.workers)]
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    log.info("teacher server on %s, workers connect to %s", server.address, server.worker_address)
-    try:
-        server.serve()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        os._exit(0)
+    """`python -m gold_jax.teacher.server`: see gold_jax/teacher/cli.py."""
+    from gold_jax.teacher.cli import main as cli_main
+    cli_main(argv)
 
 
 if __name__ == "__main__":

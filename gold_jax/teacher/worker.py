@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import threading
 import time
@@ -149,7 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="jax", choices=("jax", "vllm"))
     ap.add_argument("--connect", default="tcp://127.0.0.1:15556", help="the server's worker (back) address")
     ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
+    ap.add_argument("--exit-with-parent", action="store_true",
+                    help="exit when the parent process (a server that started us) dies, even by SIGKILL")
     args = ap.parse_args(argv)
+    if args.exit_with_parent:
+        parent = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == parent:  # re-parented once the parent is gone
+                time.sleep(1.0)
+            os._exit(0)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from gold_jax.teacher.backends import make_backend
     backend = make_backend(args.backend, args.model)

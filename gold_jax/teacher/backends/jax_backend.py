@@ -36,6 +36,21 @@ def score_from_hidden(model: nnx.Module, ids: jax.Array, mask: jax.Array, temper
     return lp, top.astype(jnp.int32), jax.nn.logsumexp(lp, axis=-1), tok
 
 
+class _TokenizerVocab(nnx.Module):
+    """The decoder for sampling, with embedding-padding ids at -inf so generate never returns one."""
+
+    def __init__(self, model: nnx.Module, vocab_size: int):
+        self.model, self.config, self.vocab_size = model, model.config, vocab_size
+
+    def init_cache(self, *args: Any, **kw: Any):
+        return self.model.init_cache(*args, **kw)
+
+    def forward_with_cache(self, *args: Any):
+        logits, cache = self.model.forward_with_cache(*args)
+        keep = jnp.arange(logits.shape[-1]) < self.vocab_size
+        return jnp.where(keep, logits, -jnp.inf), cache
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -103,6 +118,9 @@ class JaxBackend(TeacherBackend):
             tok = self.tokenizer
             eos = tok.eos_token_id if tok.eos_token_id is not None else self.model.config.eos_token_id
             pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-            self._sampler = JaxSampler(self.model, eos_id=eos, pad_id=pad)
+            model = self.model
+            if self._info["embedding_size"] > self._info["vocab_size"]:
+                model = _TokenizerVocab(model, self._info["vocab_size"])
+            self._sampler = JaxSampler(model, eos_id=eos, pad_id=pad)
         return self._sampler.generate(prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
