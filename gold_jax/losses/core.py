@@ -13,8 +13,22 @@ import jax.numpy as jnp
 
 # The teacher's top-k log-mass is clamped below 0 before log1mexp: log(1 - e^x)
 # has derivative -1/x near 0, so the clamp bounds it by 1e6 and gives the tail
-# bucket a mass floor of about 1e-6 (below f32 rounding of a logsumexp near 0).
+# bucket a mass floor of about 1e-6 (float32 top-k log-probs cannot resolve a
+# tail much below that: each exp(lt) carries ~6e-8 relative rounding).
 LOGMASS_MAX = -1e-6
+# -inf logits (masked tokens) become this finite floor so that 0 * log 0 terms stay 0, not NaN.
+NEG_FLOOR = -1e30
+
+
+def scaled_logits(logits: jax.Array, temperature: float, dtype) -> jax.Array:
+    return jnp.maximum(logits.astype(dtype), NEG_FLOOR) / temperature
+
+
+def vocab_valid(n_cols: int, vocab_size: int, offset=0) -> jax.Array | None:
+    """Boolean [n_cols] mask of real (non-padding) vocabulary columns, None if all are real."""
+    if offset == 0 and n_cols == vocab_size:
+        return None
+    return (offset + jnp.arange(n_cols)) < vocab_size
 
 
 def compute_dtype(*arrays) -> jnp.dtype:
@@ -44,7 +58,8 @@ def masked_normalizer(x: jax.Array, keep: jax.Array | None = None) -> tuple[jax.
     any_kept = jnp.any(keep, axis=-1)
     m = jax.lax.stop_gradient(jnp.max(jnp.where(keep, x, -jnp.inf), axis=-1))
     m = jnp.where(any_kept, m, 0.0)
-    s = jnp.sum(jnp.where(keep, jnp.exp(x - m[..., None]), 0.0), axis=-1)
+    # Mask before exp: a dropped entry above m would give exp = inf and, through where, a NaN gradient.
+    s = jnp.sum(jnp.exp(jnp.where(keep, x - m[..., None], -jnp.inf)), axis=-1)
     return m, jnp.log(jnp.where(any_kept, s, 1.0)), any_kept
 
 
@@ -65,22 +80,45 @@ def jsd_terms(logp: jax.Array, logq: jax.Array, beta: float, valid: jax.Array | 
     return t if valid is None else jnp.where(valid, t, 0.0)
 
 
-def topk_token_terms(logq_k: jax.Array, logq_tail: jax.Array, has_tail: jax.Array,
+def log_normalize(x: jax.Array) -> jax.Array:
+    """x - logsumexp(x) over the last axis, shifted by the stop-gradient max first.
+
+    For raw logits of 1e4, x - logsumexp(x) loses ~1e-3 to float32 rounding of
+    two huge numbers; (x - m) - log_sum subtracts nearly equal values instead.
+    """
+    m, log_sum, _ = masked_normalizer(x)
+    return (x - m[..., None]) - log_sum[..., None]
+
+
+def teacher_tail_logprob(teacher_logprobs: jax.Array, teacher_logmass: jax.Array | None) -> jax.Array:
+    """log(1 - mass of the top-k set), floored at a mass of -expm1(LOGMASS_MAX) ~ 1e-6.
+
+    Without an exact log-mass the tail is 1 - sum(exp(lt)) straight from the
+    log-probs (<= 0, no shift needed; 1 - s is exact for s >= 1/2). The
+    logsumexp route, m + log(sum exp(lt - m)), cancels to ~2e-7 absolute near
+    a mass of 1, i.e. several percent of a 1e-5 tail.
+    """
+    floor = -math.expm1(LOGMASS_MAX)
+    if teacher_logmass is None:
+        tail = 1.0 - jnp.sum(jnp.exp(teacher_logprobs), axis=-1)
+        return jnp.log(jnp.maximum(tail, floor))
+    return log1mexp(jnp.minimum(teacher_logmass.astype(teacher_logprobs.dtype), LOGMASS_MAX))
+
+
+def topk_token_terms(logq_k: jax.Array, logq_tail: jax.Array | None, has_tail: jax.Array | None,
                      teacher_logprobs: jax.Array, teacher_logmass: jax.Array | None,
                      beta: float, mode: str) -> jax.Array:
     """Per-token JSD over the k teacher ids (+ the rest-of-vocabulary bucket in "tail" mode).
 
     logq_k [..., k]: student log-probs at the teacher ids ("renormalize" accepts
-    any common shift of them); logq_tail / has_tail: student log-mass of the
-    non-top-k ids and whether there are any (no tail: the bucket contributes 0).
+    any common shift of them, e.g. the scaled logits); logq_tail / has_tail:
+    student log-mass of the non-top-k ids and whether there are any (no tail:
+    the bucket contributes 0). Unused in "renormalize" mode.
     """
     lt = teacher_logprobs
     if mode == "renormalize":
-        logp = lt - jax.nn.logsumexp(lt, axis=-1, keepdims=True)
-        logq = logq_k - jax.nn.logsumexp(logq_k, axis=-1, keepdims=True)
-        return jnp.sum(jsd_terms(logp, logq, beta), axis=-1)
-    logmass = jax.nn.logsumexp(lt, axis=-1) if teacher_logmass is None else teacher_logmass.astype(lt.dtype)
-    logp_tail = log1mexp(jnp.minimum(logmass, LOGMASS_MAX))
+        return jnp.sum(jsd_terms(log_normalize(lt), log_normalize(logq_k), beta), axis=-1)
+    logp_tail = teacher_tail_logprob(lt, teacher_logmass)
     head = jnp.sum(jsd_terms(lt, logq_k, beta), axis=-1)
     tail = jsd_terms(logp_tail, jnp.where(has_tail, logq_tail, 0.0), beta, valid=has_tail)
     return head + tail

@@ -1,44 +1,20 @@
-"""Generalized JSD between full student and teacher logits (the reference form)."""
+"""Generalized JSD between full student and teacher logits (closed-form gradient: dense_vjp)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from gold_jax.losses import validation as val
-from gold_jax.losses.core import compute_dtype, jsd_terms, masked_normalizer, reduce_tokens
-
-# -inf logits (masked tokens) become this finite floor so that 0 * log 0 terms stay 0, not NaN.
-NEG_FLOOR = -1e30
-
-
-def scaled_logits(logits: jax.Array, temperature: float, dtype) -> jax.Array:
-    return jnp.maximum(logits.astype(dtype), NEG_FLOOR) / temperature
-
-
-def vocab_valid(n_cols: int, vocab_size: int, offset=0) -> jax.Array | None:
-    """Boolean [n_cols] mask of real (non-padding) vocabulary columns, None if all are real."""
-    if offset == 0 and n_cols == vocab_size:
-        return None
-    return (offset + jnp.arange(n_cols)) < vocab_size
-
-
-def log_softmax(x: jax.Array, keep: jax.Array | None) -> jax.Array:
-    m, log_sum, _ = masked_normalizer(x, keep)
-    return (x - m[..., None]) - log_sum[..., None]
+from gold_jax.losses.core import reduce_tokens
+from gold_jax.losses.dense_vjp import dense_rows
 
 
 def dense_per_token(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: float,
                     temperature: float, vocab_size: int) -> jax.Array:
     """Unreduced per-token JSD [...] from logits [..., V]; columns >= vocab_size are ignored."""
-    dt = compute_dtype(student_logits, teacher_logits)
-    s = scaled_logits(student_logits, temperature, dt)
-    t = scaled_logits(teacher_logits, temperature, dt)
-    valid = vocab_valid(s.shape[-1], vocab_size)
-    keep = None if valid is None else jnp.broadcast_to(valid, s.shape)
-    logq, logp = log_softmax(s, keep), log_softmax(t, keep)
-    if keep is not None:  # padded columns: finite placeholders, masked out of the sum
-        logq, logp = jnp.where(keep, logq, 0.0), jnp.where(keep, logp, 0.0)
-    return jnp.sum(jsd_terms(logp, logq, beta, valid=keep), axis=-1)
+    lead, n_cols = student_logits.shape[:-1], student_logits.shape[-1]
+    rows = dense_rows(student_logits.reshape(-1, n_cols), teacher_logits.reshape(-1, n_cols),
+                      beta, temperature, vocab_size)
+    return rows.reshape(lead)
 
 
 def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,

@@ -37,7 +37,7 @@ def _chunked(x: jax.Array | None, n_lead: int, n_tokens: int, chunk: int, n_chun
 def fused_jsd(hidden: jax.Array, lm_head: jax.Array, teacher_logprobs: jax.Array | None,
               teacher_ids: jax.Array | None, mask: jax.Array, *, beta: float = 0.5, temperature: float = 1.0,
               reduction: str = "batchmean", mode: str = "tail", teacher_logits: jax.Array | None = None,
-              chunk_size: int = 1024, teacher_logmass: jax.Array | None = None,
+              chunk_size: int = 512, teacher_logmass: jax.Array | None = None,
               vocab_size: int | None = None) -> jax.Array:
     """Generalized JSD of softmax(hidden @ lm_head / T) against the teacher, chunk by chunk.
 

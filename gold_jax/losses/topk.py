@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from gold_jax.losses import validation as val
-from gold_jax.losses.core import compute_dtype, masked_normalizer, reduce_tokens, topk_token_terms
-from gold_jax.losses.dense import NEG_FLOOR, scaled_logits, vocab_valid
+from gold_jax.losses.core import (NEG_FLOOR, compute_dtype, masked_normalizer, reduce_tokens, scaled_logits,
+                                  topk_token_terms, vocab_valid)
 
 
 def topk_mask(ids: jax.Array, n_cols: int, offset=0) -> jax.Array:

@@ -19,18 +19,21 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gold_jax.losses import validation as val
-from gold_jax.losses.core import compute_dtype, jsd_terms, reduce_tokens, topk_token_terms
-from gold_jax.losses.dense import NEG_FLOOR, scaled_logits
+from gold_jax.losses.core import NEG_FLOOR, compute_dtype, jsd_terms, reduce_tokens, scaled_logits, topk_token_terms
 from gold_jax.losses.topk import topk_mask
 
 
-def _parallel_lse(x: jax.Array, keep: jax.Array, axis: str) -> tuple[jax.Array, jax.Array]:
-    """logsumexp over the sharded last axis restricted to keep; (lse, any kept), lse = 0 if none."""
+def _parallel_normalizer(x: jax.Array, keep: jax.Array, axis: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`masked_normalizer` over a last axis sharded on `axis`: (m, log_sum, any_kept).
+
+    Callers form (x - m) - log_sum, never x - (m + log_sum), which would round
+    logits of 1e4 to ~1e-3. Where nothing is kept m = log_sum = 0.
+    """
     any_kept = lax.psum(jnp.sum(keep, axis=-1, dtype=jnp.int32), axis) > 0
     m = lax.pmax(lax.stop_gradient(jnp.max(jnp.where(keep, x, -jnp.inf), axis=-1)), axis)
     m = jnp.where(any_kept, m, 0.0)
-    s = lax.psum(jnp.sum(jnp.where(keep, jnp.exp(x - m[..., None]), 0.0), axis=-1), axis)
-    return jnp.where(any_kept, jnp.log(jnp.where(any_kept, s, 1.0)) + m, 0.0), any_kept
+    s = lax.psum(jnp.sum(jnp.exp(jnp.where(keep, x - m[..., None], -jnp.inf)), axis=-1), axis)  # see core
+    return m, jnp.log(jnp.where(any_kept, s, 1.0)), any_kept
 
 
 def _local_valid(n_local: int, vocab_size: int, axis: str) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +56,7 @@ def _specs(mesh: Mesh, shape: Sequence[int], batch_axes: Sequence[str], axis: st
 
 def _prepare(logits: jax.Array, mesh: Mesh, axis: str, vocab_size: int | None):
     if logits.ndim < 2:
-        raise ValueError(f"logits must be [batch, ..., V] (ndim >= 2), got shape {logits.shape}")
+        raise ValueError(f"student_logits must be [batch, ..., V] (ndim >= 2), got shape {logits.shape}")
     vocab_size = val.check_vocab_size(vocab_size, logits.shape[-1])
     n = mesh.shape[axis] if axis in mesh.shape else 1
     pad = -logits.shape[-1] % n
@@ -81,8 +84,9 @@ def vocab_parallel_jsd(student_logits: jax.Array, teacher_logits: jax.Array, mas
         s, t = scaled_logits(s, temperature, dt), scaled_logits(t, temperature, dt)
         _, valid = _local_valid(s.shape[-1], vocab_size, axis)
         keep = jnp.broadcast_to(valid, s.shape)
-        logq = jnp.where(keep, s - _parallel_lse(s, keep, axis)[0][..., None], 0.0)
-        logp = jnp.where(keep, t - _parallel_lse(t, keep, axis)[0][..., None], 0.0)
+        (ms, ls, _), (mt, lt, _) = _parallel_normalizer(s, keep, axis), _parallel_normalizer(t, keep, axis)
+        logq = jnp.where(keep, (s - ms[..., None]) - ls[..., None], 0.0)
+        logp = jnp.where(keep, (t - mt[..., None]) - lt[..., None], 0.0)
         return lax.psum(jnp.sum(jsd_terms(logp, logq, beta, valid=keep), axis=-1), axis)
 
     per_token = jax.shard_map(local, mesh=mesh, in_specs=(v_spec, v_spec), out_specs=t_spec)(
@@ -114,14 +118,15 @@ def vocab_parallel_topk_jsd(student_logits: jax.Array, teacher_logprobs: jax.Arr
         owned = (ids >= offset) & (ids < offset + n_local)
         s_k = jnp.take_along_axis(s, jnp.clip(ids - offset, 0, n_local - 1), axis=-1)
         s_k = lax.psum(jnp.where(owned, s_k, 0.0), axis)
-        if mode == "renormalize":
-            zero = jnp.zeros(s.shape[:-1], dt)
-            return topk_token_terms(s_k, zero, zero, zero.astype(bool), lt, None, beta, mode)
-        lse, _ = _parallel_lse(s, jnp.broadcast_to(valid, s.shape), axis)
+        if mode == "renormalize":  # any common shift of the student logits at the ids will do
+            return topk_token_terms(s_k, None, None, lt, None, beta, mode)
+        m, log_sum, _ = _parallel_normalizer(s, jnp.broadcast_to(valid, s.shape), axis)
         rest = ~topk_mask(ids, n_local, offset) & valid
-        tail_lse, has_tail = _parallel_lse(s, rest, axis)
+        tail_m, tail_log_sum, has_tail = _parallel_normalizer(s, rest, axis)
+        logq_k = (s_k - m[..., None]) - log_sum[..., None]
+        logq_tail = (tail_m - m) + (tail_log_sum - log_sum)
         lm = logmass[0].astype(dt) if logmass else None
-        return topk_token_terms(s_k, lse, tail_lse, has_tail, lt, lm, beta, mode)
+        return topk_token_terms(logq_k, logq_tail, has_tail, lt, lm, beta, mode)
 
     args = (_pad(student_logits, pad), teacher_logprobs, teacher_ids) + ((teacher_logmass,) if has_mass else ())
     specs = (v_spec, k_spec, k_spec) + ((t_spec,) if has_mass else ())
