@@ -279,3 +279,104 @@ def test_model_config_validation():
         ModelConfig(**{**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(TypeError, match="cfg"):
         Decoder({"architecture": "llama"}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("head_dim,theta,factor,lo,hi,orig", [
+    (16, 500000.0, 8.0, 1.0, 4.0, 16),     # the parity fixture's config
+    (64, 10000.0, 8.0, 1.0, 4.0, 64),      # wavelengths in all three llama3 bands
+    (128, 500000.0, 32.0, 1.0, 4.0, 8192),  # Llama 3.2's values
+])
+def test_llama3_rope_frequencies_match_transformers(head_dim, theta, factor, lo, hi, orig):
+    from gold_jax.models.layers import rope_inv_freq
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo,
+               "high_freq_factor": hi, "original_max_position_embeddings": orig}
+    hf_cfg = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                                      rope_theta=theta, rope_scaling=scaling)
+    want = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")[0].double().numpy()
+    cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=4 * head_dim, intermediate_size=8,
+                      num_layers=1, num_heads=4, num_kv_heads=4, head_dim=head_dim, rope_theta=theta,
+                      rope_scaling=scaling)
+    got = rope_inv_freq(cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plain = rope_inv_freq(cfg.replace(rope_scaling=None))
+    assert not np.allclose(got, plain), "llama3 scaling must change some frequencies"
+    if orig == 64:  # every band: unchanged (high freq), divided by factor (low), smoothed between
+        ratio = plain / got
+        assert np.isclose(ratio, 1).any() and np.isclose(ratio, factor).any()
+        assert ((ratio > 1.01) & (ratio < factor - 0.01)).any()
+
+
+def test_parity_at_large_positions(pair):
+    """Positions far past llama3's original context (16) and rope at 10^4: still < 1e-4."""
+    arch, hf, _, model = pair
+    if arch == "qwen2":
+        pytest.skip("llama (llama3 rope) and qwen3 (qk-norm before rope) cover it")
+    ids, mask = _batch(seed=3)
+    pos = np.asarray(default_positions(jnp.asarray(mask))) + 100
+    ours = np.asarray(jax.jit(lambda i, m, p: model(i, m, p))(ids, mask, pos))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long),
+                 position_ids=torch.tensor(pos, dtype=torch.long)).logits.float().numpy()
+    err = np.abs(ours - ref)[mask.astype(bool)].max()
+    assert err < 1e-4, f"{arch}: max abs logit diff {err} at positions >= 100"
+
+
+def _ce_grads(model):
+    """Gradients of a masked next-token cross-entropy (the training-step shape of work)."""
+    ids, mask = _batch(seed=4)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(ids, mask)[:, :-1]
+        lp = jax.nn.log_softmax(logits, -1)
+        nll = -jnp.take_along_axis(lp, jnp.asarray(ids)[:, 1:, None], -1)[..., 0]
+        w = jnp.asarray(mask[:, 1:] * mask[:, :-1], jnp.float32)
+        return jnp.sum(nll * w) / jnp.sum(w)
+
+    return jax.jit(jax.value_and_grad(loss)), params
+
+
+def test_remat_policies_give_the_same_gradients(pair):
+    """remat="full" / "dots" (by name in ModelConfig) recompute per layer; values unchanged."""
+    arch, _, _, model = pair
+    if arch != "qwen3":
+        pytest.skip("remat wraps whole layers; one architecture (with qk-norm) covers it")
+    step, params = _ce_grads(model)
+    want_loss, want = step(params)
+    for policy in ("full", "dots"):
+        m = Decoder(model.config.replace(remat=policy), rngs=nnx.Rngs(0))
+        nnx.update(m, nnx.state(model))
+        step_r, params_r = _ce_grads(m)
+        jaxpr = str(jax.make_jaxpr(step_r)(params_r))
+        assert "remat" in jaxpr or "checkpoint" in jaxpr, f"{policy}: no remat in the jaxpr"
+        got_loss, got = step_r(params_r)
+        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+    assert "remat" not in str(jax.make_jaxpr(step)(params))
+
+
+def test_dense_vjp_matches_einsum_autodiff():
+    """The hand-written VJP of layers.dense against autodiff of jnp.einsum, float64 NumPy values."""
+    from gold_jax.models.layers import dense
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)   # [B, T, N, D]
+    w = rng.standard_normal((4, 5, 6)).astype(np.float32)      # o_proj-like: [N, D, H]
+    g = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x, w: dense(x, w, n_in=2), x, w)
+    dx, dw = vjp(jnp.asarray(g))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    np.testing.assert_allclose(np.asarray(y), np.einsum("btnd,ndh->bth", x64, w64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.einsum("bth,ndh->btnd", g64, w64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("btnd,bth->ndh", x64, g64), rtol=1e-5, atol=1e-5)
+    # bfloat16 compute with float32 logits (the LM head): output and input grads keep their dtypes
+    xb, wb = jnp.asarray(x[..., 0, :], jnp.bfloat16), jnp.asarray(w[0], jnp.bfloat16)
+    yb, vjp_b = jax.vjp(lambda x, w: dense(x, w, out_dtype=jnp.float32), xb, wb)
+    assert yb.dtype == jnp.float32
+    dxb, dwb = vjp_b(jnp.ones_like(yb))
+    assert dxb.dtype == jnp.bfloat16 and dwb.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="dense"):
+        dense(jnp.ones((2, 3)), jnp.ones((4, 5)))

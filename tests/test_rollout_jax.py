@@ -151,13 +151,31 @@ def test_sampling_reproducible_and_n_layout(sampler):
 
 
 def test_sampling_params_do_not_recompile(model):
-    eng = JaxSampler(model, eos_id=NO_EOS, pad_id=PAD, max_prompt_buckets=1)
+    """T, top-p, top-k and the seed are traced; prompt lengths share a bucket."""
+    eng = JaxSampler(model, eos_id=NO_EOS, pad_id=PAD, max_prompt_buckets=1, prompt_bucket=16)
     ids, mask = prompts()
     for t, tp, tk, s in [(0.0, 1.0, 0, 0), (1.0, 0.5, 0, 1), (0.7, 1.0, 5, 2)]:
         eng.generate(ids, mask, max_new_tokens=R, temperature=t, top_p=tp, top_k=tk, seed=s)
-    assert eng._run._cache_size() == 1 and len(eng.compiled_shapes) == 1
+    eng.generate(ids[:, 1:], mask[:, 1:], max_new_tokens=R, temperature=0.0, seed=0)  # 7 -> 16
+    assert eng._run._cache_size() == 1 and eng.compiled_shapes == {(4, 16, R)}
+    long_ids = np.concatenate([ids, ids, ids], 1)  # 24 columns: the next bucket
     with pytest.raises(ValueError, match="max_prompt_buckets"):
-        eng.generate(ids[:, 1:], mask[:, 1:], max_new_tokens=R, temperature=0.0, seed=0)
+        eng.generate(long_ids, np.ones_like(long_ids), max_new_tokens=R, temperature=0.0, seed=0)
+
+
+def test_prompt_bucket_padding_changes_nothing(model, sampler):
+    """Extra left padding (bucketing) gives the same tokens and log-probs, greedy and sampled."""
+    ids, mask = prompts()
+    exact = JaxSampler(model, eos_id=NO_EOS, pad_id=PAD, prompt_bucket=1)
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, top_k=50, n=2)):
+        a = exact.generate(ids, mask, max_new_tokens=R, seed=3, **kw)
+        b = sampler.generate(ids, mask, max_new_tokens=R, seed=3, **kw)  # bucket 16
+        np.testing.assert_array_equal(a.completion_ids, b.completion_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(b.prompt_ids, np.repeat(ids, kw.get("n", 1), 0))
+    assert exact.compiled_shapes == {(4, 8, R), (8, 8, R)}
+    with pytest.raises(ValueError, match="prompt_bucket"):
+        JaxSampler(model, eos_id=NO_EOS, pad_id=PAD, prompt_bucket=0)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -201,10 +219,11 @@ def test_sharded_matches_unsharded(devices, model, sampler, shape):
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), devices)
     eng = JaxSampler(model, eos_id=NO_EOS, pad_id=PAD, mesh=mesh)
     ids, mask = prompts()
-    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, n=3)):
-        # n=3 -> 12 rows: not a multiple of data*fsdp=4 on (2,2,2), so the batch is padded.
-        want = sampler.generate(ids, mask, max_new_tokens=R, seed=5, **kw)
-        got = eng.generate(ids, mask, max_new_tokens=R, seed=5, **kw)
+    for rows, kw in ((4, dict(temperature=0.0)), (3, dict(temperature=1.0, top_p=0.9, n=3))):
+        # 3 prompts x n=3 = 9 rows: not a multiple of data*fsdp=4 on (2,2,2), so the
+        # batch is padded to 12 there; the padding must not change any row's samples.
+        want = sampler.generate(ids[:rows], mask[:rows], max_new_tokens=R, seed=5, **kw)
+        got = eng.generate(ids[:rows], mask[:rows], max_new_tokens=R, seed=5, **kw)
         np.testing.assert_array_equal(got.completion_ids, want.completion_ids)
         np.testing.assert_array_equal(got.completion_mask, want.completion_mask)
         np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)

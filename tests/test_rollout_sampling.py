@@ -44,6 +44,29 @@ def test_truncated_logprobs_match_reference(t, top_p, top_k):
         assert (np.isfinite(got).sum(1) <= top_k).all()
 
 
+@pytest.mark.parametrize("scale,t,top_p,top_k", [
+    (8.0, 1.0, 0.9, 0),    # peaked: the prefix lies within the top_k candidates (fast path)
+    (0.05, 1.0, 0.9, 0),   # flat: the top-p prefix runs past them (bisection)
+    (0.05, 1.5, 0.7, 200),  # k beyond the candidates, then top-p (bisection for both)
+    (0.05, 1.0, 1.0, 100),  # top-k only, beyond the candidates
+    (8.0, 0.5, 0.95, 10),
+])
+def test_truncation_both_paths_match_reference(scale, t, top_p, top_k):
+    """V=300 > CANDIDATES, so both the lax.top_k fast path and the bisection are exercised."""
+    from gold_jax.rollout.sampling import CANDIDATES
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((4, 300)) * scale).astype(np.float32)
+    logits[0, :5] = -np.inf  # masked vocabulary entries (e.g. padding ids) stay excluded
+    got = np.asarray(truncated_logprobs(jnp.asarray(logits), t, top_p, top_k))
+    want = ref_logprobs(logits, t, top_p, top_k)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    kept = np.isfinite(want).sum(1)
+    if scale < 1:
+        assert (kept > CANDIDATES).all(), "test must reach the bisection path"
+
+
 def test_traced_params_do_not_recompile():
     f = jax.jit(truncated_logprobs)
     x = jnp.ones((2, 11))
@@ -90,6 +113,15 @@ def test_greedy_picks_argmax_with_unscaled_logprob():
     x = logits.astype(np.float64)
     ls = x - np.log(np.exp(x).sum(1, keepdims=True))
     np.testing.assert_allclose(np.asarray(lp), ls[np.arange(5), logits.argmax(1)], rtol=1e-5)
+
+
+def test_first_argmax_ties_and_values():
+    from gold_jax.rollout.sampling import first_argmax
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf, -1.0, -np.inf, -1.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), [1, 1, 0])
+    rng = np.random.default_rng(6)
+    y = rng.standard_normal((7, 301)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(y))), y.argmax(-1))
 
 
 def test_is_eos_multiple_ids():

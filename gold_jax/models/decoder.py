@@ -13,7 +13,7 @@ from flax import nnx
 
 from gold_jax.models.config import ModelConfig
 from gold_jax.models.kv_cache import KVCache
-from gold_jax.models.layers import DecoderLayer, RMSNorm, param
+from gold_jax.models.layers import DecoderLayer, RMSNorm, dense, param
 
 _REMAT_POLICY = {
     "full": None,  # save nothing: recompute the whole layer on the backward pass
@@ -76,8 +76,7 @@ class Decoder(nnx.Module):
         return self.lm_head[...]
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
-        w = self.lm_head_weight().astype(h.dtype)
-        return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+        return dense(h, self.lm_head_weight().astype(h.dtype), out_dtype=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                  positions: jax.Array | None = None) -> jax.Array:

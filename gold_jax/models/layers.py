@@ -33,6 +33,46 @@ def param(rngs: nnx.Rngs | None, shape, names, dtype, init: str = "normal", std:
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x: jax.Array, w: jax.Array, n_in: int, out_dtype) -> jax.Array:
+    lead = x.ndim - n_in
+    dims = ((tuple(range(lead, x.ndim)), tuple(range(n_in))), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, w, n_in, out_dtype):
+    return _dense(x, w, n_in, out_dtype), (x, w)
+
+
+def _dense_bwd(n_in, out_dtype, res, g):
+    x, w = res
+    lead, n_out = x.ndim - n_in, w.ndim - n_in
+    g = g.astype(x.dtype)
+    # dx = g . w^T over the output dims; dw = x^T . g over the token dims, written
+    # in the orientation XLA:CPU runs without transposing g (see `dense`).
+    dx = jax.lax.dot_general(g, w, ((tuple(range(lead, lead + n_out)), tuple(range(n_in, w.ndim))),
+                                    ((), ())))
+    dw = jax.lax.dot_general(x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
+    """x [..., *w.shape[:n_in]] contracted with w -> [..., *w.shape[n_in:]].
+
+    Why a hand-written VJP: JAX transposes a dot into dot(g, x) followed by a
+    transpose, and XLA:CPU then materialises g transposed; for the LM head that
+    is the whole [tokens, vocab] logits gradient (about a fifth of the step on
+    CPU). Here the weight gradient is x^T g over the token axes, which XLA runs
+    in place. Same values as autodiff of jnp.einsum (tests/test_models.py).
+    """
+    if x.shape[x.ndim - n_in:] != w.shape[:n_in]:
+        raise ValueError(f"dense: input dims {x.shape} do not match weight {w.shape} (n_in={n_in})")
+    return _dense(x, w, n_in, None if out_dtype is None else jnp.dtype(out_dtype))
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -112,9 +152,11 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, positions: jax.Array):
         cd = x.dtype
-        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...].astype(cd))
-        k = jnp.einsum("bth,hnd->btnd", x, self.k_proj[...].astype(cd))
-        v = jnp.einsum("bth,hnd->btnd", x, self.v_proj[...].astype(cd))
+        q = dense(x, self.q_proj[...].astype(cd))
+        # k and v stacked on a new unsharded axis: one matmul, same sharding as each.
+        kv_w = jnp.stack([self.k_proj[...], self.v_proj[...]], axis=1).astype(cd)
+        kv = dense(x, kv_w)
+        k, v = kv[:, :, 0], kv[:, :, 1]
         if self.cfg.attention_bias:
             q = q + self.q_bias[...].astype(cd)
             k = k + self.k_bias[...].astype(cd)
@@ -125,7 +167,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def out(self, o: jax.Array) -> jax.Array:
-        y = jnp.einsum("btnd,ndh->bth", o, self.o_proj[...].astype(o.dtype))
+        y = dense(o, self.o_proj[...].astype(o.dtype), n_in=2)
         if self.cfg.attention_bias and self.cfg.architecture != "qwen2":
             y = y + self.o_bias[...].astype(o.dtype)
         return y
@@ -140,9 +182,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cd = x.dtype
-        g = x @ self.gate_proj[...].astype(cd)
-        u = x @ self.up_proj[...].astype(cd)
-        return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(cd)
+        # gate and up stacked on a new unsharded axis: one [H, 2, I] matmul.
+        gu = dense(x, jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(cd))
+        return dense(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], self.down_proj[...].astype(cd))
 
 
 class DecoderLayer(nnx.Module):

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gold_jax.models.kv_cache import KV_CACHE_AXES
 from gold_jax.rollout.base import finish_result, normalize_eos, validate_request
-from gold_jax.rollout.sampling import is_eos, sample_tokens
+from gold_jax.rollout.sampling import is_eos, sample_with_uniform
 from gold_jax.sharding.rules import logical_to_sharding
 from gold_jax.types import RolloutResult
 
@@ -42,7 +42,10 @@ def _decode(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, se
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, cache = model.forward_with_cache(prompt_ids, positions, cache, jnp.int32(0), kv_mask)
     # Left padding puts every row's last real token in column P - 1.
-    tok, lp = sample_tokens(jax.random.fold_in(key, 0), logits[:, -1], temperature, top_p, top_k)
+    # Every step's uniforms up front: no PRNG work inside the decode loop. [B, R] rather
+    # than [R, B] so a row's draws do not depend on how many rows the batch was padded to.
+    uniforms = jax.random.uniform(key, (b, r), jnp.float32)
+    tok, lp = sample_with_uniform(uniforms[:, 0], logits[:, -1], temperature, top_p, top_k)
     n_prompt = mask.sum(axis=1)
     out_ids = jnp.full((b, r), pad_id, jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((b, r), jnp.float32).at[:, 0].set(lp)
@@ -59,7 +62,8 @@ def _decode(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, se
         kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((b, 1), jnp.int32), (0, slot))
         pos = (n_prompt + i - 1)[:, None]
         logits, cache = model.forward_with_cache(tok[:, None], pos, cache, slot, kv_mask)
-        new, lp = sample_tokens(jax.random.fold_in(key, i), logits[:, 0], temperature, top_p, top_k)
+        u = jax.lax.dynamic_index_in_dim(uniforms, i, axis=1, keepdims=False)
+        new, lp = sample_with_uniform(u, logits[:, 0], temperature, top_p, top_k)
         live = ~done
         col = lambda x, v: jax.lax.dynamic_update_slice(x, v[:, None], (0, i))  # noqa: E731
         out_ids = col(out_ids, jnp.where(live, new, pad_id).astype(jnp.int32))
@@ -78,18 +82,25 @@ class JaxSampler:
 
     `mesh` is the rollout device subset: batch over ("data", "fsdp"), parameters
     by the logical-axis rules. Without a mesh the parameters stay where they are.
-    `max_prompt_buckets` bounds the number of distinct compiled shapes; a new
-    shape beyond it is an error (prompt lengths should come bucketed).
+    Prompts are left-padded up to a multiple of `prompt_bucket` columns (extra
+    padding changes no token or log-prob), so arbitrary prompt lengths (e.g.
+    the teacher's generate op) compile once per bucket. `max_prompt_buckets`
+    bounds the number of distinct compiled shapes; a new shape beyond it is an
+    error rather than a silent recompile.
     """
 
     def __init__(self, model: nnx.Module, *, eos_id: int | Sequence[int], pad_id: int,
-                 mesh: Mesh | None = None, max_prompt_buckets: int | None = None):
+                 mesh: Mesh | None = None, max_prompt_buckets: int | None = None,
+                 prompt_bucket: int = 16):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx Module, got {type(model).__name__}")
         if not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
             raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
         if max_prompt_buckets is not None and max_prompt_buckets < 1:
             raise ValueError(f"max_prompt_buckets must be >= 1 or None, got {max_prompt_buckets!r}")
+        if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
+        self.prompt_bucket = int(prompt_bucket)
         self.eos_ids = normalize_eos(eos_id)
         self.pad_id = int(pad_id)
         self.mesh = mesh
@@ -142,7 +153,7 @@ class JaxSampler:
     # -- generation ------------------------------------------------------------------------
     @property
     def compiled_shapes(self) -> frozenset[tuple[int, int, int]]:
-        """The (batch, prompt length, max_new_tokens) shapes compiled so far."""
+        """The (batch, bucketed prompt length, max_new_tokens) shapes compiled so far."""
         return frozenset(self._shapes)
 
     def _batch_multiple(self) -> int:
@@ -157,12 +168,16 @@ class JaxSampler:
                                      temperature=temperature, top_p=top_p, top_k=top_k,
                                      vocab_size=self.vocab_size)
         ids, mask = np.repeat(ids, n, axis=0), np.repeat(mask, n, axis=0)
-        rows = ids.shape[0]
+        rows, p = ids.shape
+        cols = -(-p // self.prompt_bucket) * self.prompt_bucket - p  # left padding up to the bucket
+        run_ids = np.pad(ids, ((0, 0), (cols, 0)), constant_values=self.pad_id) if cols else ids
+        run_mask = np.pad(mask, ((0, 0), (cols, 0))) if cols else mask
         # Pad the batch to a multiple of the batch shards (copies of row 0, dropped after).
         mult = self._batch_multiple()
         extra = (-rows) % mult
-        run_ids = np.concatenate([ids, np.repeat(ids[:1], extra, 0)]) if extra else ids
-        run_mask = np.concatenate([mask, np.repeat(mask[:1], extra, 0)]) if extra else mask
+        if extra:
+            run_ids = np.concatenate([run_ids, np.repeat(run_ids[:1], extra, 0)])
+            run_mask = np.concatenate([run_mask, np.repeat(run_mask[:1], extra, 0)])
         shape = (run_ids.shape[0], run_ids.shape[1], int(max_new_tokens))
         if shape not in self._shapes:
             if self.max_prompt_buckets is not None and len(self._shapes) >= self.max_prompt_buckets:
