@@ -272,3 +272,17 @@ def test_teacher_restart_mid_run_loses_no_step(assets, tmp_path):
     assert [e[0] for e in events] == ["killed", "restarted"]
     assert events[0][1] < 8, "the teacher was killed after the run ended: the test proves nothing"
     assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_disjoint_rollout_and_training_devices(assets, tmp_path):
+    import jax
+    from gold_jax.trainer import Trainer
+    t = Trainer(make_cfg(assets, tmp_path, **{"trainer.max_steps": 3, "gold.lmbda": 1.0, "rollout.n_devices": 4,
+                                              "checkpoint.enabled": False}))
+    train_ids = {d.id for d in t.devices.train}
+    roll_ids = {d.id for leaf in jax.tree.leaves(t.engine._state) for d in leaf.devices()}
+    assert train_ids == {0, 1, 2, 3} and roll_ids == {4, 5, 6, 7}
+    t.run()
+    recs = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["gold/is_on_policy"] for r in recs] == [1.0] * 3 and all(r["timing/sync"] > 0 for r in recs[1:])
