@@ -19,6 +19,16 @@ losses are then compared in float64, so the errors are the approximation's,
 not rounding.
 
     python benchmarks/distill_study.py [--preset full] [--n 256] [--cache_dir DIR]
+
+Part 2 (`sweep`): on the demo task, the student's exact-match accuracy after the
+same number of GOLD steps for lmbda in {0, 0.5, 1} x beta in {0, 0.5, 1}, several
+seeds each (config.seed: λ coins, data order, sampling), against the warmed-up
+student (measured at step 0 of every run) and the teacher (assets.json). All
+runs share one process, one after another; the table (mean ± std over seeds)
+goes to benchmarks/results/distill_study.md. Finished runs are kept in a JSON
+file next to it, so an interrupted sweep resumes where it stopped.
+
+    python benchmarks/distill_study.py sweep [--steps 200] [--seeds 0 1 2] [--eval_n 256]
 """
 from __future__ import annotations
 
@@ -26,6 +36,13 @@ import argparse
 import os
 import sys
 import time
+
+if sys.argv[1:2] == ["sweep"]:
+    # The 27 runs compile the same programs (same shapes; beta is the only static difference):
+    # a persistent compilation cache lets every Trainer after the first reuse them.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/gold_jax_study_jit_cache")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +145,160 @@ def part1(cache_dir: str, preset: str, n: int, seed: int = 0) -> dict[str, list[
     return results
 
 
+# ---------------------------------------------------------------------------- part 2: the sweep
+LMBDAS, SWEEP_BETAS = (0.0, 0.5, 1.0), (0.0, 0.5, 1.0)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _gold_config():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "gold.py")
+    spec = importlib.util.spec_from_file_location("gold_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def sweep_config(args, lmbda: float, beta: float, seed: int, run_dir: str):
+    """configs/gold.py plus the study's overrides (everything else: the recipe's defaults)."""
+    c = _gold_config()
+    c.seed = seed
+    c.run_dir = run_dir
+    c.demo.cache_dir, c.demo.preset, c.demo.eval_n = args.cache_dir, args.preset, args.eval_n
+    c.gold.lmbda, c.gold.beta = lmbda, beta
+    c.trainer.max_steps = args.steps
+    c.trainer.global_batch_size = args.batch
+    c.optimizer.lr = args.lr
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(args.steps // 10, 1))
+    c.trainer.eval_every = 0            # accuracy at step 0 and at the end only; no validation-loss passes
+    c.trainer.log_completions_every = 0
+    c.trainer.tensorboard = False
+    c.trainer.progress_bar = False
+    c.checkpoint.enabled = False
+    return c
+
+
+def _run_one(args, lmbda: float, beta: float, seed: int) -> dict:
+    import shutil
+    from gold_jax.metrics import read_jsonl
+    from gold_jax.trainer import Trainer
+    run_dir = os.path.join(args.run_root, f"l{lmbda:g}_b{beta:g}_s{seed}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    last = Trainer(sweep_config(args, lmbda, beta, seed, run_dir)).run()
+    evals = read_jsonl(os.path.join(run_dir, "metrics.jsonl"), kind="eval")
+    train = read_jsonl(os.path.join(run_dir, "metrics.jsonl"), kind="train")
+    return {"lmbda": lmbda, "beta": beta, "seed": seed, "steps": len(train),
+            "acc0": float(evals[0]["eval/accuracy"]), "acc": float(last["eval/accuracy"]),
+            "well_formed": float(last.get("eval/well_formed", float("nan"))),
+            "on_policy_ratio": float(last["gold/on_policy_ratio"]),
+            "loss_first": float(np.mean([r["actor/jsd_loss"] for r in train[:5]])),
+            "loss_last": float(np.mean([r["actor/jsd_loss"] for r in train[-5:]])),
+            "wall_s": time.perf_counter() - t0, "load_avg": os.getloadavg()[0]}
+
+
+def _ms(xs) -> str:
+    xs = np.asarray(xs, float)
+    if len(xs) == 0:
+        return "–"
+    return f"{xs.mean():.3f} ± {xs.std(ddof=1):.3f}" if len(xs) > 1 else f"{xs.mean():.3f}"
+
+
+def sweep_table(recs: list[dict], args, teacher_acc: float, student_acc_build: float, n_build: int) -> str:
+    seeds = sorted({r["seed"] for r in recs})
+    acc0 = [r["acc0"] for r in recs if r["lmbda"] == LMBDAS[0] and r["beta"] == SWEEP_BETAS[0]] or \
+        [r["acc0"] for r in recs]
+    lines = [f"## Student accuracy after {args.steps} GOLD steps (demo task, preset {args.preset})", "",
+             f"Exact-match accuracy on {args.eval_n} held-out prompts (greedy), mean ± std over seeds "
+             f"{', '.join(map(str, seeds))}; batch {args.batch}, lr {args.lr:g}, temperature 0.9, top-k 64 "
+             f"(tail), scheduler one_step_off (configs/gold.py defaults otherwise).", "",
+             f"- teacher: **{teacher_acc:.3f}** (assets.json: greedy, {n_build} held-out prompts)",
+             f"- warmed-up student before distillation: **{_ms(acc0)}** (measured at step 0 of each run; "
+             f"assets.json: {student_acc_build:.3f} on 500 prompts)", "",
+             "| lmbda \\ beta | " + " | ".join(f"{b:g}" for b in SWEEP_BETAS) + " | row mean |",
+             "|---|" + "---:|" * (len(SWEEP_BETAS) + 1)]
+    for lm in LMBDAS:
+        cells, row = [], []
+        for b in SWEEP_BETAS:
+            xs = [r["acc"] for r in recs if r["lmbda"] == lm and r["beta"] == b]
+            cells.append(f"{_ms(xs)} (n={len(xs)})" if len(xs) != len(seeds) else _ms(xs))
+            row += xs
+        lines.append(f"| {lm:g} | " + " | ".join(cells) + f" | {_ms(row)} |")
+    col = [_ms([r["acc"] for r in recs if r["beta"] == b]) for b in SWEEP_BETAS]
+    lines.append("| col mean | " + " | ".join(col) + " | |")
+    lines += ["", "beta 0 = forward KL(teacher||student), 1 = reverse KL; lmbda = probability of a "
+              "student-generated (on-policy) batch.", "",
+              "Final training loss (JSD, mean of the last 5 steps; not comparable across beta):", "",
+              "| lmbda \\ beta | " + " | ".join(f"{b:g}" for b in SWEEP_BETAS) + " |",
+              "|---|" + "---:|" * len(SWEEP_BETAS)]
+    for lm in LMBDAS:
+        lines.append(f"| {lm:g} | " + " | ".join(
+            f"{np.mean([r['loss_last'] for r in recs if r['lmbda'] == lm and r['beta'] == b] or [np.nan]):.4f}"
+            for b in SWEEP_BETAS) + " |")
+    walls = [r["wall_s"] for r in recs]
+    loads = [r["load_avg"] for r in recs]
+    lines += ["", f"{len(recs)} runs, {np.sum(walls) / 60:.1f} min in all ({np.mean(walls):.0f} s per run incl. "
+              f"model load, compilation and both evaluations), 2-core CPU, 1-min load average "
+              f"{np.min(loads):.1f}–{np.max(loads):.1f} during the runs."]
+    return "\n".join(lines) + "\n"
+
+
+def part2(args) -> None:
+    import json
+    import logging as pylogging
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    pylogging.getLogger("gold_jax").setLevel(pylogging.WARNING)
+    assets = ensure_demo_assets(args.cache_dir, preset=args.preset)
+    teacher_acc, student_acc = assets.info["teacher"]["accuracy"], assets.info["student"]["accuracy"]
+    os.makedirs(RESULTS, exist_ok=True)
+    state_path = os.path.join(RESULTS, "distill_study_runs.json")
+    keys = ("steps", "batch", "lr", "eval_n", "preset")   # one table per setting; runs of every setting are kept
+    everything: list[dict] = []
+    if os.path.exists(state_path) and not args.fresh:
+        everything = json.load(open(state_path))
+    mine = lambda r: all(r.get(k) == getattr(args, k) for k in keys)  # noqa: E731
+    done = {(r["lmbda"], r["beta"], r["seed"]) for r in everything if mine(r)}
+    todo = [(lm, b, s) for s in args.seeds for lm in LMBDAS for b in SWEEP_BETAS if (lm, b, s) not in done]
+    print(f"sweep: {len(todo)} runs to do ({len(done)} kept from {state_path}), {args.steps} steps each",
+          flush=True)
+    for i, (lm, b, s) in enumerate(todo):
+        r = _run_one(args, lm, b, s)
+        r.update({k: getattr(args, k) for k in keys})
+        everything.append(r)
+        json.dump(everything, open(state_path, "w"), indent=1)
+        print(f"[{i + 1}/{len(todo)}] lmbda={lm:g} beta={b:g} seed={s}: accuracy {r['acc0']:.3f} -> "
+              f"{r['acc']:.3f}, on-policy {r['on_policy_ratio']:.2f}, loss {r['loss_first']:.4f} -> "
+              f"{r['loss_last']:.4f}, {r['wall_s']:.0f}s, load {r['load_avg']:.1f}", flush=True)
+    settings = sorted({tuple(r[k] for k in keys) for r in everything}, key=lambda t: (t[0] != 200, t))
+    sections = []
+    for st in settings:
+        ns = argparse.Namespace(**dict(zip(keys, st)))
+        recs = [r for r in everything if tuple(r[k] for k in keys) == st]
+        sections.append(sweep_table(recs, ns, teacher_acc, student_acc, assets.info.get("eval_n", 0)))
+    with open(os.path.join(RESULTS, "distill_study.md"), "w") as f:
+        f.write("# Distillation study (benchmarks/distill_study.py sweep)\n\n" + "\n".join(sections))
+    print("\n" + sweep_table([r for r in everything if mine(r)], args, teacher_acc, student_acc,
+                             assets.info.get("eval_n", 0)))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sweep":
+        ap = argparse.ArgumentParser(description="part 2: accuracy after N steps over lmbda x beta x seeds")
+        ap.add_argument("--cache_dir", default=base_config().demo.cache_dir)
+        ap.add_argument("--preset", default="full", choices=("full", "tiny"))
+        ap.add_argument("--steps", type=int, default=200)
+        ap.add_argument("--batch", type=int, default=16)
+        ap.add_argument("--lr", type=float, default=3e-4)
+        ap.add_argument("--eval_n", type=int, default=256)
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        ap.add_argument("--run_root", default="/tmp/gold_jax_distill_study")
+        ap.add_argument("--fresh", action="store_true", help="ignore runs kept from an earlier sweep")
+        args = ap.parse_args(argv[1:])
+        args.cache_dir = os.path.expanduser(args.cache_dir)
+        part2(args)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache_dir", default=base_config().demo.cache_dir)
     ap.add_argument("--preset", default="full", choices=("full", "tiny"))

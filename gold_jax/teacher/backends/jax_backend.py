@@ -1,7 +1,8 @@
 """The "jax" teacher backend: our NNX decoder from an HF folder, jit-compiled.
 
 Batches are padded to power-of-two rows and lengths to a multiple of
-`length_bucket`, so a stream of slightly different shapes compiles a handful of
+`length_bucket` (16: the data pipeline already buckets lengths, so a coarser
+multiple would only add padded compute), so a stream of slightly different shapes compiles a handful of
 programs, not one per request. Right-padding the length is exact: attention is
 causal and positions come from the mask. Only the scored span goes through the
 lm head, and the log-softmax, top-k and log-mass are computed on the device in
@@ -59,7 +60,7 @@ class JaxBackend(TeacherBackend):
     """Teacher scores from a gold_jax Decoder (CPU, GPU or TPU)."""
 
     def __init__(self, model: nnx.Module, tokenizer: Any, *, model_name: str = "teacher",
-                 max_top_k: int = 1024, length_bucket: int = 64):
+                 max_top_k: int = 1024, length_bucket: int = 16):
         self.model, self.tokenizer = model, tokenizer
         self.length_bucket = length_bucket
         cfg = model.config
