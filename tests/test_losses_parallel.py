@@ -215,3 +215,46 @@ def test_fused_bad_input():
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):
             fn()
+
+
+@pytest.mark.parametrize("mode,beta", [(m, b) for m in ("dense", "tail") for b in (0.0, 0.5, 1.0)]
+                         + [("renormalize", 0.0), ("renormalize", 0.5)])
+def test_fused_tiles_and_teacher_grads(monkeypatch, mode, beta):
+    """The custom VJP with several column tiles (the last one overlapping), CPU row groups of 2 and an
+    overlapping last chunk: value and gradients w.r.t. hidden, lm_head and the teacher equal the unfused
+    loss's, and differentiating w.r.t. hidden alone gives the same d(hidden)."""
+    from gold_jax.losses import fused as fused_mod
+    monkeypatch.setattr(fused_mod, "TILE_ELEMS", F_HIDDEN * 10)  # 10 columns per tile: 7 tiles over 67
+    monkeypatch.setattr(fused_mod, "ROW_ELEMS", F_WIDTH * 2)  # CPU forward: 2 rows per group
+    r = np.random.default_rng(7)
+    # No extreme token here (fused_results has one): float32 logits of 1e4 put the unfused twin's
+    # d(lm_head) ~1e-3 relative off the float64 one, which the fused path matches.
+    hidden = r.normal(size=F_SHAPE + (F_HIDDEN,)).astype(np.float32)
+    lm_head = (r.normal(size=(F_HIDDEN, F_WIDTH)) / np.sqrt(F_HIDDEN)).astype(np.float32)
+    t = (r.normal(size=F_SHAPE + (F_WIDTH,)) * 3).astype(np.float32)
+    mask = (r.random(F_SHAPE) < 0.8).astype(np.float32)
+    lt, ids, logmass = teacher_topk(t, F_TEMP, k=K, vocab_size=F_VOCAB)
+    logmass = logmass.astype(np.float32)
+    kw = dict(beta=beta, temperature=F_TEMP, vocab_size=F_VOCAB, reduction="sum")
+
+    def fused(h, w, t_, lt_, lm_):
+        return fused_jsd(h, w, lt_, ids, mask, mode=mode, teacher_logits=t_, teacher_logmass=lm_,
+                         chunk_size=F_CHUNK, **kw)
+
+    def unfused(h, w, t_, lt_, lm_):
+        logits = jnp.einsum("...h,hv->...v", h, w)
+        if mode == "dense":
+            return generalized_jsd(logits, t_, mask, **kw)
+        return topk_jsd(logits, lt_, ids, mask, mode=mode, teacher_logmass=lm_, **kw)
+
+    args = (hidden, lm_head, t, lt, logmass)
+    argnums = {"dense": (0, 1, 2), "tail": (0, 1, 3, 4), "renormalize": (0, 1, 3)}[mode]  # renormalize: no log-mass
+    val, grads = jax.jit(jax.value_and_grad(fused, argnums=argnums))(*args)
+    val_1, grads_1 = jax.jit(jax.value_and_grad(unfused, argnums=argnums))(*args)
+    g_h_only = jax.jit(jax.grad(fused))(*args)
+    np.testing.assert_allclose(val, val_1, rtol=1e-5, atol=1e-6)
+    for g, g1 in zip(grads, grads_1):
+        assert np.isfinite(g).all() and np.abs(g1).max() > 1e-3
+        np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-5 * np.abs(g1).max())
+    np.testing.assert_array_equal(g_h_only, grads[0])
+    assert not np.abs(grads[1][:, F_VOCAB:]).any(), "embedding-padding rows of lm_head got a gradient"

@@ -90,10 +90,17 @@ def _factors(logq, logp, q, p, beta):
     return (1.0 - beta) * (logq - logm), beta * (logp - logm)
 
 
-def _prepare(s, t, vocab_size):
+def _prepare(s, t, vocab_size, offset=0, col_lo=None):
+    """Upcast and floor; keep = real vocabulary columns (at `offset`), and only those >= col_lo if given."""
     dt = compute_dtype(s, t)
     s, t = jnp.maximum(s.astype(dt), NEG_FLOOR), jnp.maximum(t.astype(dt), NEG_FLOOR)
-    valid = vocab_valid(s.shape[-1], vocab_size)
+    if isinstance(offset, int):
+        valid = vocab_valid(s.shape[-1], vocab_size, offset)
+    else:  # a traced column offset: the block may reach the padding
+        valid = offset + jnp.arange(s.shape[-1]) < vocab_size
+    if col_lo is not None:
+        fresh = offset + jnp.arange(s.shape[-1]) >= col_lo
+        valid = fresh if valid is None else valid & fresh
     return s, t, (None if valid is None else jnp.broadcast_to(valid, s.shape))
 
 
@@ -108,9 +115,9 @@ def _forward_chunk(s, t, beta, temperature, vocab_size):
     return cq + cp, jnp.stack([ms, ls, mt, lt, cq, cp], axis=-1)
 
 
-def _backward_chunk(s, t, stats, ct, beta, temperature, vocab_size, wrt):
+def _backward_chunk(s, t, stats, ct, beta, temperature, vocab_size, wrt, offset=0, col_lo=None):
     x_dtype = (s if wrt == "student" else t).dtype
-    s, t, keep = _prepare(s, t, vocab_size)
+    s, t, keep = _prepare(s, t, vocab_size, offset, col_lo)
     ms, ls, mt, lt, cq, cp = (stats[:, i] for i in range(6))
     (logq, q), (logp, p) = _probs(s, keep, ms, ls, temperature), _probs(t, keep, mt, lt, temperature)
     g, h = _factors(logq, logp, q, p, beta)
@@ -130,6 +137,24 @@ def dense_rows(s: jax.Array, t: jax.Array, beta: float, temperature: float, voca
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _dense_rows(s, t, beta, temperature, vocab_size, chunk_elems):
     return _fwd(s, t, beta, temperature, vocab_size, chunk_elems)[0]
+
+
+def dense_rows_stats(s: jax.Array, t: jax.Array, beta: float, temperature: float,
+                     vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """(per-row JSD [N], statistics [N, 6]) of full rows in one pass, for callers that own the VJP and the loop."""
+    return _forward_chunk(s, t, beta, temperature, vocab_size)
+
+
+def dense_rows_grad(s: jax.Array, t: jax.Array, stats: jax.Array, ct: jax.Array, beta: float,
+                    temperature: float, vocab_size: int, wrt: str, offset=0, col_lo=None) -> jax.Array:
+    """Closed-form d(sum_i ct_i JSD_i) / d(s or t) (wrt "student" / "teacher") from `dense_rows_stats`.
+
+    s, t may be a column block [N, v] of the rows starting at column `offset`:
+    the gradient is elementwise given the per-row statistics. Columns below
+    `col_lo` (already covered by an overlapping block) get exactly 0.
+    """
+    return _backward_chunk(s, t, stats, ct, beta=beta, temperature=temperature, vocab_size=vocab_size, wrt=wrt,
+                           offset=offset, col_lo=col_lo)
 
 
 def _fwd(s, t, beta, temperature, vocab_size, chunk_elems):
