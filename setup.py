@@ -20,6 +20,7 @@ setup(
         "numpy",
         "safetensors",
         "tokenizers",
+        "jinja2",          # chat templates (transformers does not require it; torch used to bring it)
         "transformers",
         "tqdm",
         "tensorboardX",
