@@ -94,7 +94,7 @@ class Trainer:
         self.staleness = config_lib.STALENESS[t.scheduler]
         self.queue: collections.deque[PendingBatch] = collections.deque()
         self.step, self.n_on_policy, self.n_done = 0, 0, 0
-        self._in_update = False   # True between taking the step's batch and finishing its update
+        self._next_step = 0   # the step whose batch is produced next (batches are made in step order)
         self.ckpt = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep) \
             if cfg.checkpoint.enabled else None
         self._maybe_resume()
@@ -140,6 +140,7 @@ class Trainer:
         self.rng.bit_generator.state = host["rng"]
         self.data_iter.set_state(iterator_state_from_json(host["data_iter"]))
         self.queue.extend(PendingBatch.from_arrays(d) for d in pending)
+        self._next_step = self.step + len(self.queue)
         self._engine_version = -1   # the engine holds θ_0: sync before generating anything
         logging.info("resumed from step %d (%d queued batches)", self.step, len(self.queue))
 
@@ -151,7 +152,7 @@ class Trainer:
             return 0.0
         self._engine_version = self.step
         # A copy: the train step donates the state, the engine must keep its own buffers.
-        return float(self.engine.sync_weights(nnx.merge(self.graphdef, self._copy(self.state.params))))
+        return float(self.engine.sync_weights(self._student_copy()))
 
     def _produce(self, step: int) -> float:
         """Queue the batch for `step`; returns its generation seconds (0 past the end of the data)."""
@@ -162,11 +163,8 @@ class Trainer:
         except StopIteration:
             self.total_steps = step
             return 0.0
+        self._next_step = step + 1
         return self.queue[-1].gen_time
-
-    def _next_to_produce(self) -> int:
-        # Batches are made in step order; the queue holds the ones made but not yet trained on.
-        return self.step + len(self.queue) + (1 if self._in_update else 0)
 
     def train_one(self) -> dict[str, Any] | None:
         t0 = time.perf_counter()
@@ -174,23 +172,21 @@ class Trainer:
         gen_s, s = 0.0, self.staleness
         # sync: the batch for this step, made now with θ_step. Off-policy schedulers: only at the
         # start (or with an empty queue) are steps step..step+s-1 made here, all with θ_step.
-        while self._next_to_produce() <= self.step + max(s - 1, 0):
-            before = len(self.queue)
-            gen_s += self._produce(self._next_to_produce())
-            if len(self.queue) == before:
+        while self._next_step <= self.step + max(s - 1, 0):
+            nxt = self._next_step
+            gen_s += self._produce(nxt)
+            if self._next_step == nxt:   # past the end of the data
                 break
         if not self.queue or self.queue[0].step != self.step:
             return None
         pend = self.queue.popleft()
-        self._in_update = True
         teacher_s = self.producer.resolve(pend)
         arrays = train_arrays(pend.seq, pend.scores)
         t_upd = time.perf_counter()
         self.state, met = self.step_fn(self.state, _global(self.mesh, arrays))   # dispatched, not finished
-        if s and self._next_to_produce() == self.step + s:
+        if s and self._next_step == self.step + s:
             gen_s += self._produce(self.step + s)   # made with θ_step while update `step` runs
         met = jax.device_get(met)
-        self._in_update = False
         now = time.perf_counter()
         self.n_done += 1
         self.n_on_policy += int(pend.on_policy)
