@@ -7,9 +7,12 @@ command line; unknown keys and invalid values fail before any work starts.
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from gold_jax import cli_errors
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/gold.py).", lock_config=True)
 FLAGS = flags.FLAGS
@@ -18,11 +21,15 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["config"].present:
+        raise cli_errors.UserError("--config is required, e.g. --config configs/gold.py")
+    path = FLAGS["config"].config_filename
+    if not os.path.isfile(path.split(":", 1)[0]):   # ml_collections would report it late, as an OSError
+        raise FileNotFoundError(f"--config {path}: no such config file")
     cfg = FLAGS.config
-    if cfg is None:
-        raise app.UsageError("--config is required, e.g. --config configs/gold.py")
-    from gold_jax import components, config as config_lib
+    from gold_jax import config as config_lib
     config_lib.validate(cfg)   # keys and values, before JAX touches any device
+    from gold_jax import components   # heavy imports (transformers, models) only after validation
     components.maybe_init_distributed(cfg)
     from gold_jax.trainer import Trainer
     last = Trainer(cfg).run()
@@ -31,4 +38,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_absl(main)
