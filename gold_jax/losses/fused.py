@@ -11,13 +11,25 @@ ever a temporary). Dense teacher: the closed form of dense_vjp from six
 statistics per token, so the backward pass holds only [chunk, tile] blocks and
 peak memory is one chunk of logits in the forward pass. Top-k teacher: the
 chain rule through the k + 1 bucket log-probabilities in closed form (autodiff
-only of the small [chunk, k + 1] function). Reverse mode only (no jvp).
+only of the small [chunk, k + 1] function). Hidden teacher (mode "hidden"):
+the teacher's final normed hidden states [N, Ht] and its lm head [Ht, Vt]
+replace teacher logits; each chunk's teacher logits are built in the same loop
+as the student's (and rebuilt tile by tile in the backward pass), then treated
+exactly as the dense teacher. No [N, V] tensor exists anywhere, and the teacher
+gets no gradient. Reverse mode only (no jvp).
+
+Vocabulary widths: columns at or past `vocab_size` (the tokenizer's size) are
+embedding padding and masked. In mode "hidden" the two heads may have
+different widths as long as both cover vocab_size: only the first
+min(V_student, V_teacher) columns are walked (the rest are padding of one head
+or the other); the student's columns past that get a zero gradient.
 """
 from __future__ import annotations
 
 import functools
 import math
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +37,23 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from gold_jax.losses import validation as val
-from gold_jax.losses.core import (NEG_FLOOR, compute_dtype, masked_normalizer, reduce_tokens,
-                                  topk_token_terms, vocab_valid)
+from gold_jax.losses.core import compute_dtype, reduce_tokens
 from gold_jax.losses.dense_vjp import CHUNK_ELEMS, dense_rows_grad, dense_rows_stats
-from gold_jax.losses.topk import topk_mask, topk_per_token
+from gold_jax.losses.fused_topk import topk_chunk_grad
+from gold_jax.losses.topk import topk_per_token
 
-FUSED_MODES = ("tail", "renormalize", "dense")
+FUSED_MODES = ("tail", "renormalize", "dense", "hidden")
+DENSE_MODES = ("dense", "hidden")  # exact full-vocabulary JSD from per-token statistics
+
+
+class FusedSettings(NamedTuple):
+    """Static settings of one fused loss (hashable: a nondiff argument of the custom VJP)."""
+    mode: str           # one of FUSED_MODES
+    beta: float
+    temperature: float
+    vocab_size: int     # real vocabulary: columns at or past it are embedding padding
+    chunk: int          # token rows per chunk
+    width: int          # logit columns walked (the student head's, or the narrower head's in mode "hidden")
 
 
 # Elements of one [rows, columns] tile of the backward pass (16 MiB in float32), and of one row
@@ -56,23 +79,33 @@ def _logits(h_c, w):
     return jnp.dot(h_c, w, preferred_element_type=compute_dtype(h_c, w))
 
 
-def _geometry(cfg, hidden, w):
+def _geometry(cfg: FusedSettings, hidden, w):
     """(tokens, rows per chunk, chunks, columns per tile, tiles)."""
-    n_tokens, chunk = hidden.shape[0], cfg[4]
-    n_cols = w.shape[1]
+    n_tokens, chunk, n_cols = hidden.shape[0], cfg.chunk, cfg.width
     cols = max(1, min(n_cols, TILE_ELEMS // max(chunk, w.shape[0])))
     return n_tokens, chunk, -(-n_tokens // chunk), cols, -(-n_cols // cols)
 
 
-def _dense_chunk_stats(cfg, s, teacher, start):
+def _chunk_logits(cfg: FusedSettings, h_c, w, teacher, start):
+    """(student, teacher-or-None) logits [c, width] of the chunk at `start`; hidden teacher: built here."""
+    s = _logits(h_c, w)[:, :cfg.width]
+    if cfg.mode != "hidden":
+        return s, None
+    t_hidden, t_head = teacher
+    return s, _logits(_rows(t_hidden, start, cfg.chunk), t_head)[:, :cfg.width]
+
+
+def _dense_chunk_stats(cfg: FusedSettings, s, teacher, start):
     """(loss [c], stats [c, 6]) of the chunk's logits s [c, V] against teacher rows start.. of teacher [N, V].
+
+    (A hidden teacher passes its chunk's own logits [c, V] with start 0.)
 
     XLA:CPU materialises every step of the row reductions, so there the rows
     are walked in cache-sized groups, each sliced straight out of the teacher
     (no copy of the chunk's teacher rows). GPU/TPU fuse them in one pass.
     """
-    _, beta, temperature, vocab_size, chunk = cfg
-    fn = lambda s_, t_: dense_rows_stats(s_, t_, beta, temperature, vocab_size)  # noqa: E731
+    chunk = cfg.chunk
+    fn = lambda s_, t_: dense_rows_stats(s_, t_, cfg.beta, cfg.temperature, cfg.vocab_size)  # noqa: E731
     group = max(d for d in range(1, chunk + 1) if chunk % d == 0 and d <= max(1, ROW_ELEMS // s.shape[-1]))
 
     def by_rows(s, teacher, start):
@@ -88,80 +121,25 @@ def _dense_chunk_stats(cfg, s, teacher, start):
                                   default=lambda s, teacher, start: fn(s, _rows(teacher, start, chunk)))
 
 
-def _topk_chunk_grad(cfg, s, lt, ids, lm, ct):
-    """(d(sum ct * loss)/d(logits) [c, V], d/d teacher_logprobs, d/d teacher_logmass) of one chunk, top-k teacher.
-
-    The loss depends on the logits x = s / T only through the k + 1 bucket
-    log-probabilities logq_k = x_k - lse(x) and logq_tail = lse_rest(x) - lse(x)
-    ("renormalize": through x_k alone). Autodiff of that small [c, k + 1]
-    function gives a = dL/dlogq_k and b = dL/dlogq_tail, and the chain rule is
-    closed-form: dL/dx_i = a_j [i = id_j] + b [i in rest] q_i / q_tail
-    - q_i (sum_j a_j + b), with q = softmax(x). One elementwise pass plus a
-    scatter of k values per row, instead of autodiff's [c, V] cotangents.
-    """
-    mode, beta, temperature, vocab_size, _ = cfg
-    dt = compute_dtype(s, lt)
-    valid = vocab_valid(s.shape[-1], vocab_size)
-    real = None if valid is None else jnp.broadcast_to(valid, s.shape)
-    # The row max is subtracted before scaling (as in dense_vjp._softmax): the top logit is then exactly
-    # 0 in every fusion, so a saturated softmax gets exactly 0, not a one-ulp leak of d/dx_top.
-    s = jnp.maximum(s.astype(dt), NEG_FLOOR)
-    s_max = jnp.max(s if real is None else jnp.where(real, s, -jnp.inf), axis=-1, keepdims=True)
-    x = (s - s_max) / temperature
-    lt = jnp.maximum(lt.astype(dt), NEG_FLOOR)
-    ids = jnp.clip(ids.astype(jnp.int32), 0, vocab_size - 1)
-    rows = jnp.arange(x.shape[0])[:, None]
-    x_k = jnp.take_along_axis(x, ids, axis=-1)
-    if mode == "renormalize":
-        _, vjp = jax.vjp(lambda x_k_, lt_: topk_token_terms(x_k_, None, None, lt_, None, beta, mode), x_k, lt)
-        a, g_lt = vjp(ct.astype(dt))
-        d_x = jnp.zeros_like(x).at[rows, ids].add(a)
-        return d_x / temperature, g_lt, None
-    rest = ~topk_mask(ids, x.shape[-1])
-    if real is not None:
-        rest = rest & real
-    m, log_sum, _ = masked_normalizer(x, real)
-    tail_m, tail_log_sum, has_tail = masked_normalizer(x, rest)
-    logq_k = (x_k - m[:, None]) - log_sum[:, None]
-    logq_tail = (tail_m - m) + (tail_log_sum - log_sum)
-    logmass = None if lm is None else lm.astype(dt)
-    fn = lambda lq_k, lq_tail, lt_, lm_: topk_token_terms(lq_k, lq_tail, has_tail, lt_, lm_,  # noqa: E731
-                                                          beta, mode)
-    _, vjp = jax.vjp(fn, logq_k, logq_tail, lt, logmass)
-    a, b, g_lt, g_lm = vjp(ct.astype(dt))
-    # Regrouped so that nothing cancels when the softmax saturates (q = 1 at one id, the rest 0):
-    # rest:  b (q_i / q_tail) (1 - q_tail) - q_i sum_j a_j
-    # id_j:  a_j (1 - q_j) - q_j (sum_{i != j} a_i + b)
-    b = jnp.where(has_tail, b, 0.0)
-    q = jnp.exp((x - m[:, None]) - log_sum[:, None])
-    q_in_tail = jnp.exp(x - (tail_m + tail_log_sum)[:, None])  # q_i / q_tail: <= 1 on the rest
-    d_x = jnp.where(rest, (b * -jnp.expm1(logq_tail))[:, None] * q_in_tail - q * jnp.sum(a, axis=-1)[:, None], 0.0)
-    k = a.shape[-1]
-    others = jnp.sum(jnp.where(jnp.eye(k, dtype=bool), 0.0, a[:, None, :]), axis=-1) + b[:, None]
-    d_ids = a * -jnp.expm1(logq_k) - jnp.exp(logq_k) * others
-    d_x = d_x.at[rows, ids].set(d_ids)  # ids are distinct per token
-    return d_x / temperature, g_lt, g_lm
-
-
-def _forward(cfg, hidden, w, teacher):
+def _forward(cfg: FusedSettings, hidden, w, teacher):
     """Per-token losses [N] (and dense statistics [N, 6]) chunk by chunk; one chunk of logits at a time."""
-    mode, beta, temperature, vocab_size, _ = cfg
     n_tokens, chunk, n_chunks, _, _ = _geometry(cfg, hidden, w)
     dt = compute_dtype(hidden, w)
     loss = jnp.zeros((n_tokens,), dt)
-    stats = jnp.zeros((n_tokens, 6), dt) if mode == "dense" else None
+    stats = jnp.zeros((n_tokens, 6), dt) if cfg.mode in DENSE_MODES else None
 
     def body(i, carry):
         loss, stats = carry
         start = _block_start(i, n_tokens, chunk)
-        s = _logits(_rows(hidden, start, chunk), w)
-        if mode == "dense":
-            l_c, st_c = _dense_chunk_stats(cfg, s, teacher[0], start)
+        s, t = _chunk_logits(cfg, _rows(hidden, start, chunk), w, teacher, start)
+        if cfg.mode in DENSE_MODES:
+            l_c, st_c = (_dense_chunk_stats(cfg, s, teacher[0], start) if t is None
+                         else _dense_chunk_stats(cfg, s, t, 0))
             stats = lax.dynamic_update_slice_in_dim(stats, st_c.astype(dt), start, axis=0)
         else:
             lt, ids, lm = (_rows(x, start, chunk) for x in teacher)
-            l_c = topk_per_token(s, lt, ids, lm, beta=beta, temperature=temperature, mode=mode,
-                                 vocab_size=vocab_size)
+            l_c = topk_per_token(s, lt, ids, lm, beta=cfg.beta, temperature=cfg.temperature, mode=cfg.mode,
+                                 vocab_size=cfg.vocab_size)
         return lax.dynamic_update_slice_in_dim(loss, l_c.astype(dt), start, axis=0), stats
 
     return lax.fori_loop(0, n_chunks, body, (loss, stats))
@@ -169,7 +147,7 @@ def _forward(cfg, hidden, w, teacher):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_rows(cfg, hidden, w, teacher):
-    """Per-token JSD [N] of hidden [N, H] @ w [H, V] against the teacher rows (cfg: mode, beta, T, V_real, chunk)."""
+    """Per-token JSD [N] of hidden [N, H] @ w [H, V] against the teacher (rows, top-k or hidden states + head)."""
     return _forward(cfg, hidden, w, teacher)[0]
 
 
@@ -193,25 +171,26 @@ def _fused_bwd(cfg, res, ct):
     returned gradient. Dense teacher: the closed form of dense_vjp needs only
     the forward pass's per-token statistics, so the chunk's logits are
     recomputed one [chunk, tile] block at a time and never exist whole. Top-k
-    teacher: `_topk_chunk_grad` gives the chunk's d(logits) [chunk, V] in one pass.
+    teacher: `fused_topk.topk_chunk_grad` gives the chunk's d(logits) [chunk, V] in one pass.
     The last chunk (and the last tile) overlap their neighbours: repeated rows
     and columns are masked out of every sum.
     """
     hidden, w, teacher, stats, (want_h, want_w, want_t) = res
-    mode, beta, temperature, vocab_size, _ = cfg
+    mode = cfg.mode
     n_tokens, chunk, n_chunks, cols, n_tiles = _geometry(cfg, hidden, w)
-    n_cols = w.shape[1]
+    n_cols = cfg.width
     dt = compute_dtype(hidden, w)
     in_dt = jnp.promote_types(hidden.dtype, w.dtype)
     if isinstance(ct, SymbolicZero):
         ct = jnp.zeros((n_tokens,), dt)
     ct = ct.astype(dt)
-    want_t = tuple(x is not None for x in want_t)
+    # A hidden teacher never gets a gradient (fused_jsd stops it): its cotangents stay None.
+    want_t = tuple(x is not None and mode != "hidden" for x in want_t)
     want_h, want_w = want_h is not None, want_w is not None
     d_h = jnp.zeros(hidden.shape, hidden.dtype) if want_h else None
     d_w = jnp.zeros(w.shape, dt) if want_w else None
     d_t = tuple(jnp.zeros(x.shape, x.dtype) if wt else None for x, wt in zip(teacher, want_t))
-    kw = dict(beta=beta, temperature=temperature, vocab_size=vocab_size)
+    kw = dict(beta=cfg.beta, temperature=cfg.temperature, vocab_size=cfg.vocab_size)
 
     def chunk_body(i, carry):
         d_h, d_w, d_t = carry
@@ -219,11 +198,12 @@ def _fused_bwd(cfg, res, ct):
         h_c, ct_c = _rows(hidden, start, chunk), _rows(ct, start, chunk)
         # Rows repeated from the previous chunk: their d(hidden) is rewritten, never added to d(lm_head).
         h_fresh = jnp.where(((start + jnp.arange(chunk)) >= i * chunk)[:, None], h_c, 0).astype(in_dt)
-        if mode == "dense":
+        if mode in DENSE_MODES:
             st_c = _rows(stats, start, chunk)
+            th_c = _rows(teacher[0], start, chunk) if mode == "hidden" else None
         else:
             lt, ids, lm = (_rows(x, start, chunk) for x in teacher)
-            d_s_full, g_lt, g_lm = _topk_chunk_grad(cfg, _logits(h_c, w), lt, ids, lm, ct_c)
+            d_s_full, g_lt, g_lm = topk_chunk_grad(_logits(h_c, w), lt, ids, lm, ct_c, mode=mode, **kw)
             g_t = (g_lt, None, g_lm)
             d_t = tuple(None if d is None else lax.dynamic_update_slice_in_dim(d, g.astype(d.dtype), start, axis=0)
                         for d, g in zip(d_t, g_t))
@@ -232,8 +212,10 @@ def _fused_bwd(cfg, res, ct):
             g_h, d_w, d_t = carry
             col = _block_start(j, n_cols, cols)
             w_j = _cols(w, col, cols)
-            if mode == "dense":
-                s_j, t_j = _logits(h_c, w_j), _cols(_rows(teacher[0], start, chunk), col, cols)
+            if mode in DENSE_MODES:
+                s_j = _logits(h_c, w_j)
+                t_j = (_logits(th_c, _cols(teacher[1], col, cols)) if mode == "hidden"
+                       else _cols(_rows(teacher[0], start, chunk), col, cols))
                 d_s = dense_rows_grad(s_j, t_j, st_c, ct_c, wrt="student", offset=col, col_lo=j * cols, **kw)
                 if want_t[0]:
                     g_t = dense_rows_grad(s_j, t_j, st_c, ct_c, wrt="teacher", offset=col, **kw)
@@ -263,16 +245,43 @@ def _fused_bwd(cfg, res, ct):
 _fused_rows.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
+def _check_hidden_teacher(lead: tuple, student_width: int, teacher_hidden, teacher_head,
+                          vocab_size) -> tuple[int, int]:
+    """(vocab_size, columns walked) for a hidden teacher; both heads must cover the tokenizer's ids."""
+    if teacher_hidden is None or teacher_head is None:
+        raise ValueError('mode="hidden" needs teacher_hidden [..., Ht] and teacher_head [Ht, V_teacher]')
+    if tuple(teacher_hidden.shape[:-1]) != tuple(lead) or teacher_hidden.ndim != len(lead) + 1:
+        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}, expected {tuple(lead)} + (Ht,) "
+                         "(the student hidden's token shape)")
+    if teacher_head.ndim != 2 or teacher_head.shape[0] != teacher_hidden.shape[-1]:
+        raise ValueError(f"teacher_head must be [Ht, V] with Ht = {teacher_hidden.shape[-1]} (teacher_hidden's "
+                         f"last axis), got shape {tuple(teacher_head.shape)}")
+    width = min(student_width, int(teacher_head.shape[1]))
+    if vocab_size is None and teacher_head.shape[1] != student_width:
+        raise ValueError(f"teacher_head has {teacher_head.shape[1]} columns and lm_head {student_width}: pass "
+                         "vocab_size (the tokenizer's size; both heads must cover it)")
+    if vocab_size is not None and not isinstance(vocab_size, bool) and isinstance(vocab_size, numbers.Integral) \
+            and int(vocab_size) > width:
+        raise ValueError(f"vocab_size={vocab_size} is more than the narrower head covers: lm_head has "
+                         f"{student_width} columns, teacher_head {teacher_head.shape[1]}")
+    return val.check_vocab_size(vocab_size, width), width
+
+
 def fused_jsd(hidden: jax.Array, lm_head: jax.Array, teacher_logprobs: jax.Array | None,
               teacher_ids: jax.Array | None, mask: jax.Array, *, beta: float = 0.5, temperature: float = 1.0,
               reduction: str = "batchmean", mode: str = "tail", teacher_logits: jax.Array | None = None,
               chunk_size: int = 512, teacher_logmass: jax.Array | None = None,
-              vocab_size: int | None = None) -> jax.Array:
+              vocab_size: int | None = None, teacher_hidden: jax.Array | None = None,
+              teacher_head: jax.Array | None = None) -> jax.Array:
     """Generalized JSD of softmax(hidden @ lm_head / T) against the teacher, chunk by chunk.
 
     hidden [N, H] or [B, T, H]; lm_head [H, V]. mode "tail"/"renormalize" take
     a top-k teacher (as `topk_jsd`); mode "dense" takes `teacher_logits` [..., V]
-    (as `generalized_jsd`) and ignores teacher_logprobs / teacher_ids.
+    (as `generalized_jsd`) and ignores teacher_logprobs / teacher_ids; mode
+    "hidden" takes the teacher's final normed hidden states `teacher_hidden`
+    [..., Ht] and its head `teacher_head` [Ht, V'] (teacher logits =
+    teacher_hidden @ teacher_head, never materialised; no gradient flows to
+    either). With V' != V, `vocab_size` must be given and both must cover it.
     """
     beta, temperature = val.check_beta(beta), val.check_temperature(temperature)
     val.check_reduction(reduction)
@@ -286,14 +295,19 @@ def fused_jsd(hidden: jax.Array, lm_head: jax.Array, teacher_logprobs: jax.Array
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     lead = hidden.shape[:-1]
     logits_shape = (*lead, lm_head.shape[1])
-    vocab_size = val.check_vocab_size(vocab_size, lm_head.shape[1])
+    width = int(lm_head.shape[1])
+    if mode == "hidden":
+        vocab_size, width = _check_hidden_teacher(lead, width, teacher_hidden, teacher_head, vocab_size)
+        val.check_mask(mask, lead)
+    else:
+        vocab_size = val.check_vocab_size(vocab_size, lm_head.shape[1])
     if mode == "dense":
         if teacher_logits is None:
             raise ValueError('mode="dense" needs teacher_logits [..., V]')
         if tuple(teacher_logits.shape) != logits_shape:
             raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, expected {logits_shape}")
         val.check_mask(mask, lead)
-    else:
+    elif mode != "hidden":
         if teacher_logprobs is None or teacher_ids is None:
             raise ValueError(f'mode="{mode}" needs teacher_logprobs and teacher_ids (or use mode="dense")')
         val.check_topk(logits_shape, teacher_logprobs, teacher_ids, mask, teacher_logmass, vocab_size)
@@ -303,8 +317,18 @@ def fused_jsd(hidden: jax.Array, lm_head: jax.Array, teacher_logprobs: jax.Array
     flat = lambda x: None if x is None else x.reshape(n_tokens, *x.shape[len(lead):])  # noqa: E731
     if mode == "dense":
         teacher = (flat(teacher_logits),)
+    elif mode == "hidden":
+        # The teacher is frozen: stopping its gradient here lets the custom VJP skip it outright.
+        teacher = (lax.stop_gradient(flat(teacher_hidden)), lax.stop_gradient(teacher_head))
     else:
         teacher = (flat(teacher_logprobs), flat(teacher_ids).astype(jnp.int32), flat(teacher_logmass))
-    cfg = (mode, beta, temperature, vocab_size, chunk)
+    cfg = FusedSettings(mode, beta, temperature, vocab_size, chunk, width)
     per_token = _fused_rows(cfg, flat(hidden), lm_head, teacher).reshape(lead)
     return reduce_tokens(per_token, mask, reduction, vocab_size)
+
+
+def fused_hidden_jsd(hidden: jax.Array, lm_head: jax.Array, teacher_hidden: jax.Array, teacher_head: jax.Array,
+                     mask: jax.Array, **kw) -> jax.Array:
+    """Exact dense JSD against a teacher given by its final hidden states and lm head (`fused_jsd` mode "hidden")."""
+    return fused_jsd(hidden, lm_head, None, None, mask, mode="hidden", teacher_hidden=teacher_hidden,
+                     teacher_head=teacher_head, **kw)
