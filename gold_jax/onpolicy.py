@@ -1,0 +1,50 @@
+"""Host-side pieces of on-policy batches: the λ coins per batch or per row, mixing rows, the behaviour log-probs.
+
+`gold.lmbda_granularity="batch"` draws one coin per batch (one `rng.random()`,
+the draw sequence of every earlier run); `"sample"` draws one coin per row
+(`rng.random(B)`), so a batch holds student samples and dataset completions
+side by side and `gold/on_policy_ratio` counts rows. The coins come from the
+producer's RNG, whose state is checkpointed: a resumed run draws the same coins.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gold_jax.types import SequenceBatch
+
+GRANULARITIES = ("batch", "sample")
+
+
+def draw_rows(rng: np.random.Generator, lmbda: float, granularity: str, n_rows: int) -> np.ndarray:
+    """Boolean [n_rows]: which rows are student-generated."""
+    if granularity == "batch":
+        return np.full((n_rows,), bool(rng.random() < lmbda))
+    if granularity == "sample":
+        return rng.random(n_rows) < lmbda
+    raise ValueError(f"gold.lmbda_granularity={granularity!r}: must be one of {GRANULARITIES}")
+
+
+def _pad_to(x: np.ndarray, width: int, value) -> np.ndarray:
+    if x.shape[1] > width:
+        raise ValueError(f"completions of width {x.shape[1]} do not fit the batch's {width} columns")
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def mix_rows(on_rows: np.ndarray, generated: SequenceBatch, data: SequenceBatch) -> SequenceBatch:
+    """Rows of `generated` where on_rows, else the dataset's; same prompts, completions padded to one width."""
+    if not np.array_equal(generated.prompt_ids, data.prompt_ids):
+        raise ValueError("generated and dataset rows must share their prompts")
+    width = max(generated.completion_ids.shape[1], data.completion_ids.shape[1])
+    pick = on_rows[:, None]
+    ids = np.where(pick, _pad_to(generated.completion_ids, width, 0), _pad_to(data.completion_ids, width, 0))
+    mask = np.where(pick, _pad_to(generated.completion_mask, width, 0), _pad_to(data.completion_mask, width, 0))
+    return SequenceBatch(data.prompt_ids, data.prompt_mask, ids.astype(np.int32), mask.astype(np.int32))
+
+
+def behaviour_logprobs(on_rows: np.ndarray, logprobs: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """[B, R] float32 sampling log-probs of the student rows (0 elsewhere and where the engine gave none)."""
+    out = np.zeros(shape, np.float32)
+    if logprobs is not None:
+        lp = np.asarray(logprobs, np.float32)
+        out[:, :lp.shape[1]] = np.where(on_rows[:, None], lp[:, :shape[1]], 0.0)
+    return out
