@@ -106,6 +106,9 @@ def load_student(cfg: ml_collections.ConfigDict, mesh: Any) -> tuple[nnx.Module,
     from gold_jax.models.hf_io import load_pretrained
     dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
     model = load_pretrained(cfg.model.student_path, dtype=dtype, param_dtype=cfg.model.param_dtype, mesh=mesh)
+    # H6: fail at start-up, with the parameter names, when the rules leave too much replicated.
+    from gold_jax.sharding.replication_check import check_replication
+    check_replication(nnx.state(model), mesh, float(cfg.mesh.max_replicated_fraction))
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer at {cfg.model.tokenizer_path or cfg.model.student_path} needs a pad and an "

@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.max_grad_norm = 1.0   # 0 = no clipping
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # H6: start-up check (gold_jax/sharding/replication_check.py): with fsdp or tensor > 1, fail when more
+    # than this share of parameter bytes is replicated on every device (a rule-table or mesh mistake).
+    c.mesh.max_replicated_fraction = 0.25
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 100          # steps (0 = only at the end)
@@ -184,6 +187,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
+    _check(0.0 <= cfg.mesh.max_replicated_fraction <= 1.0, "mesh.max_replicated_fraction",  # H6
+           cfg.mesh.max_replicated_fraction, "must be in [0, 1]")
     for k in ("max_prompt_length", "max_response_length"):
         if k in cfg.data:
             _check(cfg.data[k] >= 1, f"data.{k}", cfg.data[k], "must be >= 1")
