@@ -2,22 +2,31 @@ r"""Export a run's student as an HF-format folder: `python -m gold_jax.export --
 
 The folder holds config.json, model.safetensors, the tokenizer and a
 generation_config.json, and loads with transformers' from_pretrained and vLLM.
+
+Training keeps float32 master weights; the export is written in the dtype the
+student was shipped in (`--dtype auto`: a bfloat16 checkpoint comes back as
+bfloat16, half the bytes of float32), or in the dtype `--dtype` names.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import struct
 from typing import Any
 
-import jax
 import ml_collections
-from absl import app, flags
-from flax import nnx
 
-from gold_jax.checkpoint import Checkpointer
+from gold_jax import cli_errors
+
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# safetensors header dtype -> our dtype name (the floating ones a checkpoint is shipped in)
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} is not a gold_jax run directory (no config.json)")
@@ -25,51 +34,134 @@ def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_student(run_dir: str, step: int | None = None) -> tuple[nnx.Module, Any, ml_collections.ConfigDict]:
-    """(student with the checkpointed weights, tokenizer, run config); step None = the latest."""
+def _safetensors_dtype(path: str) -> str | None:
+    """The floating dtype of the first floating tensor in a safetensors file (header only)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return None
+    for name, spec in header.items():
+        if name != "__metadata__" and isinstance(spec, dict) and spec.get("dtype") in _ST_DTYPES:
+            return _ST_DTYPES[spec["dtype"]]
+    return None
+
+
+def model_dtype(model_dir: str) -> str | None:
+    """The dtype a HF model folder is shipped in: config.json's torch_dtype (dtype in transformers v5),
+    else the safetensors header; None when neither says."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        hf = {}
+    for key in ("torch_dtype", "dtype"):
+        name = str(hf.get(key) or "").replace("torch.", "")
+        if name in _ST_DTYPES.values():
+            return name
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    files = [os.path.join(model_dir, "model.safetensors")]
+    if os.path.exists(index):
+        with open(index) as f:
+            files = [os.path.join(model_dir, v) for v in sorted(set(json.load(f)["weight_map"].values()))]
+    for path in files:
+        if os.path.exists(path) and (found := _safetensors_dtype(path)):
+            return found
+    return None
+
+
+def resolve_export_dtype(dtype: str, student_dir: str) -> str:
+    """`auto` -> the student's own dtype (float32 when unknown); else the name, checked."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype={dtype!r}: must be one of {EXPORT_DTYPES}")
+    if dtype != "auto":
+        return dtype
+    return model_dtype(student_dir) or "float32"
+
+
+def load_student(run_dir: str, step: int | None = None, *,
+                 dtype: str = "float32") -> tuple[Any, Any, ml_collections.ConfigDict]:
+    """(student with the checkpointed float32 weights on one device, tokenizer, run config).
+
+    step None = the latest; `dtype` is the model's compute dtype (the weights stay float32)."""
+    import jax
+    from flax import nnx
+
+    from gold_jax.checkpoint import Checkpointer
     from gold_jax.data import load_tokenizer
     from gold_jax.models.hf_io import load_pretrained
     from gold_jax.train_step import init_state, make_optimizer
     cfg = load_run_config(run_dir)
-    model = load_pretrained(cfg.model.student_path, dtype="float32")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):   # before loading any model
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    model = load_pretrained(cfg.model.student_path, dtype=dtype)
     graphdef, params = nnx.split(model)
     tx, _ = make_optimizer(cfg.optimizer, 1)
     like = jax.eval_shape(lambda p: init_state(p, tx), params)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), like)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=max(int(cfg.checkpoint.keep), 1))
+    ckpt = Checkpointer(ckpt_dir, keep=max(int(cfg.checkpoint.keep), 1))
     try:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
         state, _, _ = ckpt.restore(step, like)
     finally:
         ckpt.close()
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path, model_dir=cfg.model.student_path)
     return nnx.merge(graphdef, state.params), tokenizer, cfg
 
 
-def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
+def cast_params(model: Any, dtype: str) -> Any:
+    """A copy of `model` whose floating parameters (and config param_dtype) are in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    target = jnp.dtype(dtype)
+    state = jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    out = nnx.merge(graphdef, state)
+    out.config = dataclasses.replace(model.config, param_dtype=dtype)   # config.json's torch_dtype
+    return out
+
+
+def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "auto") -> str:
+    """Write the run's student (checkpoint `step`, None = latest) to out_dir in `dtype` (see module doc)."""
     from gold_jax.models.hf_io import save_pretrained
-    model, tokenizer, _ = load_student(run_dir, step)
+    if dtype not in EXPORT_DTYPES:   # before any model loads
+        raise ValueError(f"--dtype={dtype!r}: must be one of {EXPORT_DTYPES}")
+    model, tokenizer, cfg = load_student(run_dir, step)
+    model = cast_params(model, resolve_export_dtype(dtype, cfg.model.student_path))
     save_pretrained(model, out_dir)
-    tokenizer.save_pretrained(out_dir)
-    gen = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-           "bos_token_id": tokenizer.bos_token_id}
+    # H4: no loader keys (is_local, local_files_only) or auto-picked pad in tokenizer_config.json;
+    # generation_config.json is the student's own (whole EOS lists), else built from the tokenizer.
+    from gold_jax.data.tokenizer import save_tokenizer
+    from gold_jax.models.hf_io import generation_config_dict
+    save_tokenizer(tokenizer, out_dir)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+        json.dump(generation_config_dict(cfg.model.student_path, tokenizer), f, indent=2)
     return out_dir
 
 
-FLAGS = flags.FLAGS
-
-
 def main(argv: list[str]) -> None:
-    del argv
-    print(export(FLAGS.run, FLAGS.out, FLAGS.step))
+    from absl import app, flags, logging
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fl = flags.FLAGS
+    if not fl["verbosity"].present:   # orbax logs every restore step at INFO: keep the output to the result
+        logging.set_verbosity(logging.WARNING)
+    print(export(fl.run, fl.out, fl.step, fl.dtype))
 
 
 if __name__ == "__main__":
+    from absl import flags
     flags.DEFINE_string("run", None, "run directory (holds config.json and checkpoints/)", required=True)
     flags.DEFINE_string("out", None, "output HF-format folder", required=True)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-    app.run(main)
+    flags.DEFINE_enum("dtype", "auto", EXPORT_DTYPES,
+                      "weights dtype; auto = the student's own (config.json torch_dtype / safetensors header)")
+    cli_errors.run_absl(main)

@@ -158,6 +158,7 @@ def test_eval_cli_run_uses_the_runs_demo_config(tiny, tmp_path, monkeypatch):
     from gold_jax.data import load_tokenizer
     from gold_jax.models.hf_io import load_pretrained
     cfg = ml_collections.ConfigDict({"demo": {"cache_dir": os.path.dirname(tiny.root), "preset": "tiny"}})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))   # eval reads it: demo or real-model run
     seen = []
 
     def fake_load_student(run_dir, step=None):
