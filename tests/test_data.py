@@ -142,10 +142,10 @@ def test_messages_jsonl(tok, tmp_path):
 
 def test_prompt_completion_plain_and_conversational(tok, tmp_path):
     plain = [{"prompt": question(i), "completion": " " + answer(i)} for i in range(8)]
-    cfg = cfg_for(write_jsonl(tmp_path / "p.jsonl", plain), apply_chat_template=False)
+    cfg = cfg_for(write_jsonl(tmp_path / "p.jsonl", plain), chat_template=False)
     _check_rows(tok, cfg, [(question(i), " " + answer(i), True) for i in range(8)])
     # plain strings with the chat template on: a user turn and an assistant turn
-    cfg = cfg_for(str(tmp_path / "p.jsonl"), format="prompt_completion")
+    cfg = cfg_for(str(tmp_path / "p.jsonl"), format="prompt_completion", chat_template=True)
     _check_rows(tok, cfg, [(chatml([{"role": "user", "content": question(i)}], gen=True),
                             " " + answer(i) + IM_END, False) for i in range(8)])
     conv = [{"prompt": [{"role": "user", "content": question(i)}],
@@ -167,7 +167,7 @@ def test_truncation_left_right_and_counts(tok, tmp_path):
     p_full, c_full = enc(tok, long_q), enc(tok, answer(0) * 6) + [tok.eos_token_id]
     assert len(p_full) > 10 and len(c_full) > 8
     for trunc, rtrunc in (("left", "right"), ("right", "left")):
-        cfg = cfg_for(path, apply_chat_template=False, max_prompt_length=10, max_response_length=8,
+        cfg = cfg_for(path, chat_template=False, max_prompt_length=10, max_response_length=8,
                       truncation=trunc, response_truncation=rtrunc)
         examples, stats = tokenize_files(path, tok, cfg)
         ex = examples[0]
@@ -192,15 +192,16 @@ def test_bad_rows_counted_with_file_and_index(tok, tmp_path):
     assert isinstance(stats, DatasetStats)
     assert stats.rows_read == 8 and stats.rows_kept == 2 == len(examples) and stats.rows_dropped == 6
     got = {i: reason for f, i, reason, _ in stats.bad_rows if f == path}
-    assert got == {1: "missing_column", 2: "empty_completion", 3: "wrong_type", 4: "prompt_too_long",
-                   5: "invalid_json", 6: "wrong_type"}
+    # jsonl positions are 1-based line numbers
+    assert got == {2: "missing_column", 3: "empty_completion", 4: "wrong_type", 5: "prompt_too_long",
+                   6: "invalid_json", 7: "wrong_type"}
     assert stats.to_dict()["dropped"]["wrong_type"] == 2
     # a messages row whose last turn is not the assistant's
     mpath = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"}]},
                                                {"messages": [{"role": "user", "content": "q"},
                                                              {"role": "assistant", "content": "a"}]}])
     _, mstats = tokenize_files(mpath, tok, cfg_for(mpath))
-    assert mstats.bad_rows[0][1:3] == (0, "no_assistant_completion")
+    assert mstats.bad_rows[0][1:3] == (1, "no_assistant_completion")
 
 
 def test_file_without_usable_rows_is_an_error(tok, tmp_path):
@@ -340,14 +341,14 @@ def test_bad_first_row_does_not_hide_the_format(tok, tmp_path):
             *({"prompt": [{"role": "user", "content": question(i)}], "response": answer(i)} for i in range(3))]
     path = write_jsonl(tmp_path / "v.jsonl", rows)
     examples, stats = tokenize_files(path, tok, cfg_for(path))
-    assert len(examples) == 3 and [(i, r) for _, i, r, _ in stats.bad_rows] == [(0, "missing_column")]
+    assert len(examples) == 3 and [(i, r) for _, i, r, _ in stats.bad_rows] == [(1, "missing_column")]
 
 
 def test_invalid_utf8_line_and_corrupt_parquet_are_named(tok, tmp_path):
     path = tmp_path / "u.jsonl"
     path.write_bytes(b'{"text": "one two"}\n{"text": "\xff\xfe"}\n{"text": "three four"}\n')
     examples, stats = tokenize_files(str(path), tok, cfg_for(str(path)))
-    assert len(examples) == 2 and [(i, r) for _, i, r, _ in stats.bad_rows] == [(1, "invalid_utf8")]
+    assert len(examples) == 2 and [(i, r) for _, i, r, _ in stats.bad_rows] == [(2, "invalid_utf8")]
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match="broken.parquet"):
@@ -360,29 +361,29 @@ def test_response_drop_policy_and_drops_logged(tok, tmp_path, caplog):
     from absl import logging as absl_logging
     rows = [{"prompt": question(i), "response": answer(i) * (8 if i % 2 else 1)} for i in range(6)]
     path = write_jsonl(tmp_path / "r.jsonl", rows)
-    cfg = cfg_for(path, apply_chat_template=False, max_response_length=12, response_truncation="drop")
+    cfg = cfg_for(path, chat_template=False, max_response_length=12, response_truncation="drop")
     absl_logging.get_absl_handler()  # make absl log through the std logging tree that caplog watches
     with caplog.at_level("INFO"):
         examples, stats = tokenize_files(path, tok, cfg)
     assert len(examples) == 3 and stats.dropped == {"response_too_long": 3}
-    assert sorted(i for _, i, _, _ in stats.bad_rows) == [1, 3, 5]
+    assert sorted(i for _, i, _, _ in stats.bad_rows) == [2, 4, 6]
     text = caplog.text
-    assert "dropped row 1 of" in text and "r.jsonl" in text and "'rows_dropped': 3" in text
+    assert "dropped line 2 of" in text and "r.jsonl" in text and "'rows_dropped': 3" in text
     assert all(len(c) <= 12 for _, c in examples)
 
 
 def test_conversational_without_chat_template_names_the_file(tok, tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "q"},
                                                             {"role": "assistant", "content": "a"}]}])
-    with pytest.raises(ValueError, match="m.jsonl.*apply_chat_template"):
-        tokenize_files(path, tok, cfg_for(path, apply_chat_template=False))
+    with pytest.raises(ValueError, match="m.jsonl.*chat_template"):
+        tokenize_files(path, tok, cfg_for(path, chat_template=False))
 
 
 def test_completion_mask_marks_exactly_the_completion_tokens(tok, tmp_path):
     """Per-position check on the concatenated model input, as the loss sees it."""
     rows = [{"prompt": question(i) * (1 + i % 3), "completion": answer(i) * (1 + i % 2)} for i in range(8)]
     path = write_jsonl(tmp_path / "pc.jsonl", rows)
-    batch = next(make_iterator(cfg_for(path, apply_chat_template=False), tok, global_batch_size=8))
+    batch = next(make_iterator(cfg_for(path, chat_template=False), tok, global_batch_size=8))
     sb = SequenceBatch(**batch)
     ids, mask = sb.input_ids, sb.attention_mask
     P = sb.completion_start
@@ -405,3 +406,191 @@ def test_worker_processes_resume_exactly(tok, varied_file):
     for want, have in zip(full, got + _take(resumed, 5)):
         for k in want:
             np.testing.assert_array_equal(want[k], have[k])
+
+
+# ------------------------------------------- tokenizers and datasets as shipped (issue 12)
+
+from shipped_tokenizers import build_llama3, build_qwen  # noqa: E402
+
+from gold_jax.data.special_tokens import eos_token_ids  # noqa: E402
+from gold_jax.data.tokenizer import save_tokenizer  # noqa: E402
+from gold_jax.fingerprint import compare_tokenizers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_llama3(str(tmp_path_factory.mktemp("llama3")))
+
+
+@pytest.fixture(scope="module")
+def qwen_dirs(tmp_path_factory):
+    return (build_qwen(str(tmp_path_factory.mktemp("qwen_instruct")), instruct=True),
+            build_qwen(str(tmp_path_factory.mktemp("qwen_base")), instruct=False))
+
+
+def test_tokenizer_without_pad_gets_one_as_the_ecosystem_does(llama_dir, tmp_path):
+    """Issue 12.1: a reserved special token pads; else the EOS; only a tokenizer without EOS is refused."""
+    tok = load_tokenizer(llama_dir)
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.pad_token_id not in eos_token_ids(tok)
+    llama30 = load_tokenizer(build_llama3(str(tmp_path / "l30"), finetune_pad=False))
+    assert llama30.pad_token == "<|reserved_special_token_0|>"
+    bare = load_tokenizer(build_llama3(str(tmp_path / "bare"), reserved=False))
+    assert bare.pad_token == "<|eot_id|>" and bare.pad_token_id == bare.eos_token_id
+    # The pipeline pads with it and the masks say which positions are real.
+    rows = [{"prompt": [{"role": "user", "content": question(i)}], "response": answer(i)} for i in range(4)]
+    batch = next(make_iterator(cfg_for(write_parquet(tmp_path / "v.parquet", rows)), bare, global_batch_size=4))
+    eot = bare.convert_tokens_to_ids("<|eot_id|>")
+    for i in range(4):
+        p, c = unpad(batch, i)
+        assert p[0] == bare.bos_token_id and c[-1] == eot and c.count(eot) == 1
+    # No EOS anywhere: refused, naming the folder.
+    none_dir = build_llama3(str(tmp_path / "noeos"), reserved=False)
+    with open(os.path.join(none_dir, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc.pop("eos_token")
+    with open(os.path.join(none_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f)
+    for name in ("config.json", "generation_config.json"):
+        os.remove(os.path.join(none_dir, name))
+    with pytest.raises(ValueError, match="noeos.*no EOS"):
+        load_tokenizer(none_dir)
+
+
+def test_eos_set_read_whole_from_config_and_generation_config(llama_dir, qwen_dirs, tmp_path):
+    """Issue 12.2: Llama 3.2 Instruct-style [end_of_text, eom, eot] and Qwen2.5 Instruct's two EOS ids."""
+    tok = load_tokenizer(llama_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")}
+    assert eos_token_ids(tok) == (ids["<|eot_id|>"], ids["<|end_of_text|>"], ids["<|eom_id|>"])
+    qi = load_tokenizer(qwen_dirs[0])
+    assert eos_token_ids(qi) == tuple(qi.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    # A tokenizer folder apart from the model: the model folder's lists count too.
+    tok_only = str(tmp_path / "tok_only")
+    save_tokenizer(tok, tok_only)
+    assert eos_token_ids(load_tokenizer(tok_only)) == (ids["<|eot_id|>"],)
+    assert eos_token_ids(load_tokenizer(tok_only, model_dir=llama_dir)) == eos_token_ids(tok)
+    # A templated completion ends at the last id of the set it holds (here <|eot_id|>, not the trailing text).
+    rows = [{"prompt": [{"role": "user", "content": question(i)}], "response": answer(i)} for i in range(2)]
+    path = write_parquet(tmp_path / "v.parquet", rows)
+    examples, _ = tokenize_files(path, tok, cfg_for(path))
+    assert [c[-1] for _, c in examples] == [ids["<|eot_id|>"]] * 2
+    assert all(c[:-1].tolist() == enc(tok, answer(i)) for i, (_, c) in enumerate(examples))
+
+
+def test_save_tokenizer_writes_no_loader_keys_nor_the_picked_pad(llama_dir, tmp_path):
+    """Issue 12.16: the exported tokenizer_config.json reads as the shipped one."""
+    tok = load_tokenizer(llama_dir)
+    out = str(tmp_path / "export")
+    save_tokenizer(tok, out)
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        saved = json.load(f)
+    assert not {"is_local", "local_files_only", "pad_token"} & set(saved)
+    assert saved["eos_token"] == "<|eot_id|>" and saved["bos_token"] == "<|begin_of_text|>"
+    assert load_tokenizer(out).get_vocab() == tok.get_vocab()
+    # a pad the tokenizer shipped with is kept
+    q = str(tmp_path / "q")
+    save_tokenizer(load_tokenizer(build_qwen(str(tmp_path / "qsrc"))), q)
+    with open(os.path.join(q, "tokenizer_config.json")) as f:
+        assert json.load(f)["pad_token"] == "<|endoftext|>"
+
+
+def test_prompt_only_rows_accepted_only_without_dataset_completions(tok, tmp_path):
+    """Issue 12.3: a verl RL-style parquet (prompt, no response) for gold.lmbda=1 / seq_kd."""
+    rows = [{"prompt": [{"role": "user", "content": question(i)}], "data_source": "x", "ability": "math"}
+            for i in range(4)]
+    path = write_parquet(tmp_path / "rl.parquet", rows)
+    with pytest.raises(ValueError, match=r"data\.response_key='response'.*gold\.lmbda"):
+        tokenize_files(path, tok, cfg_for(path))
+    examples, stats = tokenize_files(path, tok, cfg_for(path), require_response=False)
+    assert stats.rows_kept == 4 and stats.rows_dropped == 0
+    for i, (p, c) in enumerate(examples):
+        assert p.tolist() == enc(tok, chatml(rows[i]["prompt"], gen=True)) and c.tolist() == [tok.eos_token_id]
+    batch = next(make_iterator(cfg_for(path), tok, global_batch_size=4, require_response=False))
+    assert batch["prompt_mask"].sum() == sum(len(p) for p, _ in examples)
+    # plain-string prompts as well; rows that do have a response keep it
+    mixed = [{"prompt": question(0)}, {"prompt": question(1), "response": answer(1)}]
+    mpath = write_jsonl(tmp_path / "plain.jsonl", mixed)
+    ex, _ = tokenize_files(mpath, tok, cfg_for(mpath, format="prompt_completion"), require_response=False)
+    assert [c.tolist() for _, c in ex] == [[tok.eos_token_id], enc(tok, answer(1)) + [tok.eos_token_id]]
+
+
+def test_bad_rows_report_jsonl_line_numbers_and_parquet_row_indices(tok, tmp_path, caplog):
+    """Issue 12.6: blank lines do not shift the reported position; the message says line or row."""
+    from absl import logging as absl_logging
+    good = {"text": "one two"}
+    lines = [good, "", {"text": ""}, "", "", {"text": 3}, good, "", "{oops", {"text": ""}]
+    path = write_jsonl(tmp_path / "gaps.jsonl", lines)
+    absl_logging.get_absl_handler()
+    with caplog.at_level("INFO"):
+        _, stats = tokenize_files(path, tok, cfg_for(path))
+    assert [(i, r) for _, i, r, _ in stats.bad_rows] == [
+        (3, "empty_completion"), (6, "wrong_type"), (9, "invalid_json"), (10, "empty_completion")]
+    assert "dropped line 6 of" in caplog.text
+    ppath = write_parquet(tmp_path / "p.parquet", [{"text": "one"}, {"text": ""}, {"text": "two"}, {"text": ""}])
+    with caplog.at_level("INFO"):
+        _, pstats = tokenize_files(ppath, tok, cfg_for(ppath))
+    assert [i for _, i, _, _ in pstats.bad_rows] == [1, 3] and "dropped row 3 of" in caplog.text
+    # a setting that cannot work for the file names the line too
+    conv = write_jsonl(tmp_path / "m.jsonl", ["", {"messages": [{"role": "user", "content": "q"},
+                                                                {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(ValueError, match="m.jsonl.*line 2"):
+        tokenize_files(conv, tok, cfg_for(conv, chat_template=False))
+
+
+def test_plain_rows_are_not_templated_by_default(tok, tmp_path):
+    """Issue 12.10: as TRL, only conversational rows get the chat template unless data.chat_template=True."""
+    plain = [{"prompt": question(i), "completion": " " + answer(i)} for i in range(4)]
+    path = write_jsonl(tmp_path / "p.jsonl", plain)
+    assert default_data_config().chat_template == "auto"
+    examples, _ = tokenize_files(path, tok, cfg_for(path))
+    for i, (p, c) in enumerate(examples):
+        assert p.tolist() == enc(tok, question(i)) and c.tolist() == enc(tok, " " + answer(i)) + [tok.eos_token_id]
+    templated, _ = tokenize_files(path, tok, cfg_for(path, chat_template=True))
+    assert templated[0][0].tolist() == enc(tok, chatml([{"role": "user", "content": question(0)}], gen=True))
+    conv = [{"prompt": [{"role": "user", "content": question(0)}], "completion": [
+        {"role": "assistant", "content": answer(0)}]}] * 2
+    cpath = write_jsonl(tmp_path / "c.jsonl", conv)
+    (p, _), *_ = tokenize_files(cpath, tok, cfg_for(cpath))[0]
+    assert p.tolist() == enc(tok, chatml(conv[0]["prompt"], gen=True))
+    with pytest.raises(ValueError, match="data.chat_template"):
+        make_iterator(cfg_for(path, chat_template="yes"), tok, global_batch_size=2)
+
+
+def test_chat_template_kwargs_reach_the_template(qwen_dirs, tmp_path):
+    """Issue 12.16: data.chat_template_kwargs, e.g. Qwen3's enable_thinking=False."""
+    tok = load_tokenizer(qwen_dirs[0])
+    rows = [{"prompt": [{"role": "user", "content": question(i)}], "response": answer(i)} for i in range(2)]
+    path = write_parquet(tmp_path / "v.parquet", rows)
+    think = enc(tok, "<think>\n\n</think>\n\n")
+    for kw in ({"enable_thinking": False}, '{"enable_thinking": false}'):
+        examples, _ = tokenize_files(path, tok, cfg_for(path, chat_template_kwargs=kw))
+        p = examples[0][0].tolist()
+        assert p[-len(think):] == think and examples[0][1].tolist()[:-1] == enc(tok, answer(0))
+    plain, _ = tokenize_files(path, tok, cfg_for(path))
+    assert plain[0][0].tolist()[-len(think):] != think
+    with pytest.raises(ValueError, match="data.chat_template_kwargs"):
+        tokenize_files(path, tok, cfg_for(path, chat_template_kwargs="[1, 2]"))
+
+
+def test_messages_row_with_empty_user_turn_is_treated_like_verl(tok, tmp_path):
+    """Issue 12.16: the same empty prompt gives the same verdict in both formats."""
+    good = [{"role": "user", "content": question(1)}]
+    verl = [{"prompt": [{"role": "user", "content": ""}], "response": "x"}, {"prompt": good, "response": answer(1)}]
+    msgs = [{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]},
+            {"messages": good + [{"role": "assistant", "content": answer(1)}]}]
+    _, vs = tokenize_files(p := write_jsonl(tmp_path / "v.jsonl", verl), tok, cfg_for(p))
+    _, ms = tokenize_files(p := write_jsonl(tmp_path / "m.jsonl", msgs), tok, cfg_for(p))
+    assert [(i, r) for _, i, r, _ in vs.bad_rows] == [(i, r) for _, i, r, _ in ms.bad_rows] == [(1, "empty_prompt")]
+
+
+def test_tokenizer_check_compares_the_vocabulary_not_special_roles(llama_dir, qwen_dirs):
+    """Issue 12.11: Qwen2.5 Base vs Instruct (same vocabulary, other EOS) pass with a warning."""
+    instruct, base = load_tokenizer(qwen_dirs[0]), load_tokenizer(qwen_dirs[1])
+    assert instruct.eos_token != base.eos_token
+    assert tokenizer_fingerprint(instruct) == tokenizer_fingerprint(base)
+    warnings = compare_tokenizers(instruct, base)
+    assert len(warnings) == 1 and "eos_token '<|endoftext|>'" in warnings[0] and "'<|im_end|>'" in warnings[0]
+    llama = load_tokenizer(llama_dir)
+    assert tokenizer_fingerprint(llama) != tokenizer_fingerprint(instruct)
+    with pytest.raises(ValueError, match=r"sizes differ: student 312 ids, teacher 303.*ids differ, first 300: "
+                                         r"student '<\|begin_of_text\|>' vs teacher '<\|endoftext\|>'.*special tokens"):
+        compare_tokenizers(llama, instruct)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -43,8 +44,31 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_workers = 0          # grain worker processes; 0 = in-process (threads only)
     c.num_threads = 2          # grain reader threads per process
-    c.apply_chat_template = True
+    # Chat template, as in TRL: "auto" templates conversational rows (lists of role/content
+    # messages) only and leaves plain-string rows as they are; True templates plain rows too
+    # (as one user turn and one assistant turn); False templates nothing.
+    c.chat_template = config_dict.FieldReference("auto", field_type=object)
+    # Extra keyword arguments of every apply_chat_template call, e.g. {"enable_thinking": False}
+    # for Qwen3 (a dict, or its JSON text on the command line).
+    c.chat_template_kwargs = config_dict.placeholder(object)
     return c
+
+
+def template_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """data.chat_template_kwargs as a plain dict ({} when unset)."""
+    kw = cfg.get("chat_template_kwargs")
+    if kw is None or kw == "":
+        return {}
+    if isinstance(kw, str):
+        try:
+            kw = json.loads(kw)
+        except ValueError as e:
+            raise ValueError(f"data.chat_template_kwargs: {kw!r} is not a JSON object ({e})") from None
+    if isinstance(kw, ml_collections.ConfigDict):
+        kw = kw.to_dict()
+    if not isinstance(kw, Mapping) or not all(isinstance(k, str) for k in kw):
+        raise ValueError(f"data.chat_template_kwargs must be a dict with string keys, got {kw!r}")
+    return dict(kw)
 
 
 def parse_files(files: Any, key: str = "data.train_files") -> list[str]:
@@ -95,6 +119,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for k in ("num_workers", "num_threads"):
         if not isinstance(cfg[k], int) or cfg[k] < 0:
             raise ValueError(f"data.{k} must be an int >= 0, got {cfg[k]!r}")
+    if cfg.chat_template not in ("auto", True, False):
+        raise ValueError(f"data.chat_template must be 'auto', True or False, got {cfg.chat_template!r}")
+    template_kwargs(cfg)
     for k in ("prompt_key", "response_key", "messages_key", "text_key"):
         if not isinstance(cfg[k], str) or not cfg[k]:
             raise ValueError(f"data.{k} must be a non-empty string, got {cfg[k]!r}")

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from gold_jax.data.config import make_buckets, validate
+from gold_jax.data.special_tokens import eos_token_ids
 from gold_jax.data.tokenize import DatasetStats, Example, tokenize_files
 
 
@@ -56,8 +57,12 @@ def _seed(cfg_seed: int, seed: int) -> int:
 
 def build_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: Any, *, split: str = "train",
                   global_batch_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
-                  num_epochs: int | None = None) -> tuple[grain.MapDataset, DatasetStats]:
-    """The batched MapDataset for one process and the tokenisation stats."""
+                  num_epochs: int | None = None, require_response: bool = True
+                  ) -> tuple[grain.MapDataset, DatasetStats]:
+    """The batched MapDataset for one process and the tokenisation stats.
+
+    require_response=False accepts prompt-only rows (runs with gold.lmbda=1 or gold.seq_kd).
+    """
     validate(data_cfg)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -70,14 +75,15 @@ def build_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: Any, *, split:
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs <= 0):
         raise ValueError(f"num_epochs must be None or a positive int, got {num_epochs!r}")
     key = f"data.{split}_files"
-    examples, stats = tokenize_files(data_cfg[f"{split}_files"], tokenizer, data_cfg, key)
+    examples, stats = tokenize_files(data_cfg[f"{split}_files"], tokenizer, data_cfg, key, require_response)
 
     collate = Collate(process_index, global_batch_size // process_count,
                       make_buckets(data_cfg.prompt_buckets, data_cfg.max_prompt_length, data_cfg.min_bucket,
                                    "data.prompt_buckets"),
                       make_buckets(data_cfg.response_buckets, data_cfg.max_response_length, data_cfg.min_bucket,
                                    "data.response_buckets"),
-                      int(tokenizer.pad_token_id))
+                      int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                          else eos_token_ids(tokenizer)[0]))
     train = split == "train"
     if train and len(examples) < global_batch_size:
         raise ValueError(f"{key}: {len(examples)} usable rows, fewer than global_batch_size={global_batch_size}")
@@ -93,11 +99,11 @@ def build_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: Any, *, split:
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, tokenizer: Any, *, split: str = "train",
                   global_batch_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
-                  num_epochs: int | None = None) -> grain.DatasetIterator:
+                  num_epochs: int | None = None, require_response: bool = True) -> grain.DatasetIterator:
     """Checkpointable iterator of padded numpy batches (this process's slice of each global batch)."""
     ds, _ = build_dataset(data_cfg, tokenizer, split=split, global_batch_size=global_batch_size,
                           process_index=process_index, process_count=process_count, seed=seed,
-                          num_epochs=num_epochs)
+                          num_epochs=num_epochs, require_response=require_response)
     return iterate(ds, data_cfg)
 
 

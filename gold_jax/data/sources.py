@@ -30,38 +30,53 @@ PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".json", ".ndjson")
 
 
-def read_file(path: str) -> list[dict[str, Any] | RowError]:
-    """All rows of one file, in order; unparsable jsonl lines become RowError.
+def position_unit(path: str) -> str:
+    """How bad rows of this file are located: 1-based "line" (jsonl) or 0-based "row" (parquet)."""
+    return "line" if os.path.splitext(path)[1].lower() in JSONL_EXT else "row"
 
-    A file that cannot be opened or parsed at all is a ValueError naming it, so
-    a corrupt shard is never mistaken for an empty one.
+
+def read_file(path: str) -> list[dict[str, Any] | RowError]:
+    """All rows of one file, in order; unparsable jsonl lines become RowError."""
+    return read_rows(path)[0]
+
+
+def read_rows(path: str) -> tuple[list[dict[str, Any] | RowError], list[int]]:
+    """(rows, positions): rows as in read_file, positions as `position_unit` says.
+
+    Blank jsonl lines are not rows, so a row's line number is kept rather than
+    derived from its index. A file that cannot be opened or parsed at all is a
+    ValueError naming it, so a corrupt shard is never mistaken for an empty one.
     """
     ext = os.path.splitext(path)[1].lower()
     if ext in PARQUET_EXT:
         try:
-            return pq.read_table(path).to_pylist()
+            rows = pq.read_table(path).to_pylist()
         except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
             raise ValueError(f"data file {path!r} is not a readable parquet file: {e}") from None
+        return rows, list(range(len(rows)))
     if ext not in JSONL_EXT:
         raise ValueError(f"unsupported data file {path!r}: expected one of {PARQUET_EXT + JSONL_EXT}")
     rows: list[dict[str, Any] | RowError] = []
+    lines: list[int] = []
     with open(path, "rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, 1):
             # Decode per line: one bad byte sequence costs one row, not the whole file.
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 rows.append(RowError("invalid_utf8", str(e)))
+                lines.append(lineno)
                 continue
             if not line.strip():
                 continue  # blank lines are not rows
+            lines.append(lineno)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 rows.append(RowError("invalid_json", str(e)))
                 continue
             rows.append(row if isinstance(row, dict) else RowError("wrong_type", f"row is a {type(row).__name__}, not an object"))
-    return rows
+    return rows, lines
 
 
 def load_rows(files: Any) -> list[tuple[str, int, dict[str, Any] | RowError]]:

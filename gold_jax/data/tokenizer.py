@@ -6,11 +6,14 @@ tokenizer in a second or two with the `tokenizers` library and wrap it in a
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from gold_jax.data.special_tokens import AUTO_PAD_ATTR, prepare_special_tokens
 
 ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]
@@ -56,11 +59,44 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, *,
     return hf
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Load a tokenizer from a local directory only (never the hub)."""
+def load_tokenizer(path: str, model_dir: str | None = None) -> PreTrainedTokenizerFast:
+    """Load a tokenizer from a local directory only (never the hub).
+
+    The EOS set (tokenizer + config.json / generation_config.json of `path` and
+    `model_dir`) is attached and a missing pad is picked: see special_tokens.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"tokenizer path must be a str, got {type(path).__name__}")
     if not os.path.isdir(path):
         raise ValueError(f"tokenizer path {str(path)!r} does not exist or is not a directory "
                          "(only local tokenizers are supported; nothing is downloaded)")
-    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    return prepare_special_tokens(tok, [os.fspath(path), model_dir])
+
+
+# Loader arguments that transformers records in init_kwargs and would write back.
+_LOADER_KEYS = ("is_local", "local_files_only", "_commit_hash", "cache_dir", "token", "revision")
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str) -> None:
+    """save_pretrained without our loader arguments or an auto-picked pad in tokenizer_config.json.
+
+    The exported folder then reads as the shipped one did: a pad we chose for
+    training (special_tokens) is not presented as the model's own.
+    """
+    tokenizer.save_pretrained(out_dir)
+    auto_pad = getattr(tokenizer, AUTO_PAD_ATTR, None)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            d = json.load(f)
+        for k in _LOADER_KEYS:
+            d.pop(k, None)
+        pad = d.get("pad_token")
+        if auto_pad is not None and (pad.get("content") if isinstance(pad, dict) else pad) == auto_pad:
+            d.pop("pad_token")
+        with open(path, "w") as f:
+            json.dump(d, f, indent=2, ensure_ascii=False)
+            f.write("\n")
