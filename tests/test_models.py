@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gold_jax.models import Decoder, KVCache, ModelConfig, default_positions, hf_io  # noqa: E402
-from gold_jax.models.partition import param_specs, shard_model, state_shardings  # noqa: E402
+from gold_jax.models.partition import shard_model, state_shardings  # noqa: E402
 from gold_jax.sharding import make_mesh  # noqa: E402
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -197,7 +197,7 @@ def test_sharded_forward_matches_unsharded(pair):
     q = sharded.layers[0].self_attn.q_proj[...]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     # 2 kv heads do not divide tensor=4: that dim stays replicated instead of failing.
-    assert param_specs(sharded, mesh)["layers"][0]["self_attn"]["k_proj"].get_value() == \
+    assert state_shardings(sharded, mesh)["layers"][0]["self_attn"]["k_proj"].get_value().spec == \
         jax.sharding.PartitionSpec("fsdp", None, None)
     shardings = state_shardings(sharded, mesh)
     graphdef, state = nnx.split(sharded)
@@ -380,3 +380,62 @@ def test_dense_vjp_matches_einsum_autodiff():
     assert dxb.dtype == jnp.bfloat16 and dwb.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="dense"):
         dense(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+# ------------------------------------------------ checkpoints as shipped (issue 12)
+
+def _tiny_config(**kw):
+    return ModelConfig(architecture="llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=8, **kw)
+
+
+def test_eos_id_lists_survive_load_and_save(tmp_path):
+    """Issue 12.2: Llama 3.2 Instruct-style eos_token_id lists are kept whole, read and written."""
+    from gold_jax.models import init_model
+    base = hf_io.hf_config_dict(_tiny_config())
+    for eos in ([1, 8, 9], 9, [9]):
+        cfg = hf_io.config_from_hf({**base, "eos_token_id": eos})
+        assert cfg.eos_token_id == (tuple(eos) if isinstance(eos, list) else eos)
+        assert hf_io.hf_config_dict(cfg)["eos_token_id"] == eos and hash(cfg)
+    assert ModelConfig(**{**_tiny_config().__dict__, "eos_token_id": [1, 2]}).eos_token_id == (1, 2)
+    model = init_model(_tiny_config(eos_token_id=(1, 8, 9), bos_token_id=0), seed=0)
+    hf_io.save_pretrained(model, str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["eos_token_id"] == [1, 8, 9]
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path)).eos_token_id == [1, 8, 9]
+    assert hf_io.load_pretrained(str(tmp_path)).config.eos_token_id == (1, 8, 9)
+
+
+def test_exported_generation_config_keeps_the_eos_list(tmp_path):
+    """Issue 12.2: the student's own generation_config.json is written back unchanged, else the full set."""
+    from shipped_tokenizers import build_llama3
+
+    from gold_jax.data import load_tokenizer
+    src = build_llama3(str(tmp_path / "llama"))
+    with open(os.path.join(src, "generation_config.json")) as f:
+        shipped = json.load(f)
+    assert isinstance(shipped["eos_token_id"], list) and len(shipped["eos_token_id"]) == 3
+    tok = load_tokenizer(src)
+    assert hf_io.generation_config_dict(src, tok) == shipped
+    os.remove(os.path.join(src, "generation_config.json"))
+    built = hf_io.generation_config_dict(src, load_tokenizer(src))
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert built["eos_token_id"][0] == eot and sorted(built["eos_token_id"]) == sorted(shipped["eos_token_id"])
+    assert "pad_token_id" not in built   # the pad picked for training is not the model's own
+
+
+def test_truncated_safetensors_names_the_file_and_size(tmp_path):
+    """Issue 12.7: a cut-short copy says which file and how many bytes it should have."""
+    from gold_jax.models import init_model
+    hf_io.save_pretrained(init_model(_tiny_config(), seed=0), str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=rf"model.safetensors.*truncated: {len(data) - 100} bytes, "
+                                         rf"expected {len(data)}"):
+        hf_io.load_pretrained(str(tmp_path))
+    path.write_bytes(data[:40])
+    with pytest.raises(ValueError, match=r"model.safetensors.*truncated: 40 bytes, but its header alone"):
+        hf_io.load_pretrained(str(tmp_path))
+    path.write_bytes(data)
+    assert hf_io.load_pretrained(str(tmp_path)).config == _tiny_config()

@@ -31,10 +31,12 @@ class ModelConfig:
     param_dtype: str = "float32"       # master parameter dtype
     remat: str = "none"                # per-layer jax.checkpoint policy: "none" | "full" | "dots"
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None   # a tuple when config.json lists several
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):   # keep the config hashable (jit static argument)
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}; supported: {ARCHITECTURES}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -32,6 +32,13 @@ def _first_int(x) -> int | None:
     return None if x is None else int(x)
 
 
+def _int_or_ids(x) -> int | tuple[int, ...] | None:
+    """eos_token_id as given: an int stays an int, a list (Llama 3.2 Instruct's three ids) a tuple."""
+    if isinstance(x, (list, tuple)):
+        return tuple(int(i) for i in x) if x else None
+    return None if x is None else int(x)
+
+
 def config_from_hf(hf_config: dict, *, dtype: str = "float32", param_dtype: str = "float32",
                    **overrides: Any) -> ModelConfig:
     """ModelConfig from a config.json dict (transformers v4 or v5 rope keys)."""
@@ -83,7 +90,7 @@ def config_from_hf(hf_config: dict, *, dtype: str = "float32", param_dtype: str 
         dtype=dtype,
         param_dtype=param_dtype,
         bos_token_id=_first_int(hf_config.get("bos_token_id")),
-        eos_token_id=_first_int(hf_config.get("eos_token_id")),
+        eos_token_id=_int_or_ids(hf_config.get("eos_token_id")),
         pad_token_id=_first_int(hf_config.get("pad_token_id")),
     )
     kw.update(overrides)
@@ -110,7 +117,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "torch_dtype": cfg.param_dtype,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "use_cache": True,
     }
@@ -183,9 +190,47 @@ def _tensor_files(path: str) -> dict[str, str]:
             weight_map = json.load(f)["weight_map"]
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
+        with _safe_open(single) as f:
             return {k: single for k in f.keys()}
     raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+def check_safetensors_size(fname: str) -> None:
+    """ValueError naming the file and its expected size when it is shorter than its header says.
+
+    A copy or download cut short otherwise fails inside safetensors with
+    "incomplete metadata" and no file name.
+    """
+    size = os.path.getsize(fname)
+    with open(fname, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"safetensors file {fname!r} is truncated: {size} bytes, shorter than its "
+                             "8-byte header length")
+        n = int.from_bytes(head, "little")
+        if size < 8 + n:
+            raise ValueError(f"safetensors file {fname!r} is truncated: {size} bytes, but its header alone "
+                             f"takes {8 + n} bytes (copy the file again)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"safetensors file {fname!r} has an unreadable header: {e}") from None
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise ValueError(f"safetensors file {fname!r} is truncated: {size} bytes, expected {expected} "
+                         "(copy the file again)")
+
+
+def _safe_open(fname: str):
+    if not os.path.isfile(fname):
+        raise ValueError(f"safetensors file {fname!r} does not exist")
+    check_safetensors_size(fname)
+    try:
+        return safe_open(fname, framework="numpy")
+    except Exception as e:  # noqa: BLE001 - SafetensorError does not name the file
+        raise ValueError(f"safetensors file {fname!r} cannot be read: {e}") from None
 
 
 def load_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
@@ -218,7 +263,7 @@ def load_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
         for name, (p, var) in wanted.items():
             fname = files[name]
             if fname not in handles:
-                handles[fname] = safe_open(fname, framework="numpy").__enter__()
+                handles[fname] = _safe_open(fname).__enter__()
             x = handles[fname].get_tensor(name)
             shape = var.get_value().shape
             kind = _hf_name(p)[1]
@@ -233,6 +278,22 @@ def load_pretrained(path: str, *, dtype: str = "float32", param_dtype: str = "fl
         for h in handles.values():
             h.__exit__(None, None, None)
     return nnx.merge(graphdef, abs_state)
+
+
+def generation_config_dict(src_dir: str | None, tokenizer: Any = None) -> dict:
+    """generation_config.json for an export: the source model's own, unchanged, when it has one
+    (EOS lists such as Llama 3.2 Instruct's [128001, 128008, 128009] kept whole), else the
+    tokenizer's ids with its full EOS set."""
+    src = os.path.join(src_dir, "generation_config.json") if src_dir else None
+    if src and os.path.isfile(src):
+        with open(src) as f:
+            return json.load(f)
+    from gold_jax.data.special_tokens import AUTO_PAD_ATTR, eos_token_ids
+    eos = list(eos_token_ids(tokenizer))
+    pad = None if getattr(tokenizer, AUTO_PAD_ATTR, None) else tokenizer.pad_token_id
+    gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+           "pad_token_id": pad}
+    return {k: v for k, v in gen.items() if v is not None}
 
 
 def save_pretrained(model: Decoder, path: str) -> None:
