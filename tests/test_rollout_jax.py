@@ -252,3 +252,30 @@ def test_sync_weights_across_device_subsets(devices):
 def nnx_state(model):
     from flax import nnx
     return nnx.state(model)
+
+
+def test_stops_on_every_id_of_a_shipped_eos_set(model, sampler, tmp_path):
+    """Issue 12.2: generation_config.json's eos list (not just the tokenizer's eos_token) stops sampling."""
+    import json
+
+    from shipped_tokenizers import build_llama3
+
+    from gold_jax.data import load_tokenizer
+    from gold_jax.data.special_tokens import eos_token_ids
+    ids, mask = prompts()
+    base = sampler.generate(ids, mask, max_new_tokens=R, temperature=0.0, seed=0).completion_ids
+    x, y = int(base[0, 1]), int(base[2, 3])   # ids this model emits; the tokenizer's <|eot_id|> it never does
+    folder = build_llama3(str(tmp_path / "tok"))
+    for name in ("generation_config.json", "config.json"):
+        with open(f"{folder}/{name}", "w") as f:
+            json.dump({"eos_token_id": [x, y]}, f)
+    eos = eos_token_ids(load_tokenizer(folder))
+    assert eos[1:] == (x, y) and eos[0] >= V
+    res = make_engine("jax", model, eos_id=eos, pad_id=PAD).generate(ids, mask, max_new_tokens=R,
+                                                                     temperature=0.0, seed=0)
+    for row in range(4):
+        hits = np.nonzero(np.isin(base[row], (x, y)))[0]
+        want = hits[0] + 1 if len(hits) else R
+        assert res.completion_mask[row].sum() == want
+        np.testing.assert_array_equal(res.completion_ids[row, :want], base[row, :want])
+    assert res.completion_mask[0].sum() <= 2 and res.finish_reason[0] == FINISH_EOS

@@ -127,3 +127,20 @@ def test_first_argmax_ties_and_values():
 def test_is_eos_multiple_ids():
     got = np.asarray(is_eos(jnp.array([1, 2, 3, 4], jnp.int32), (2, 4)))
     np.testing.assert_array_equal(got, [False, True, False, True])
+
+
+def test_end_at_eos_cuts_each_row_at_its_first_id_of_the_set():
+    """Issue 12.2: a completion from another model (seq_kd teacher) ends at the student's first EOS id."""
+    from gold_jax.rollout.base import end_at_eos
+    rng = np.random.default_rng(3)
+    eos, pad = (7, 8, 9), 0      # Llama 3.2 Instruct-style: [end_of_text, eom, eot]
+    ids = rng.integers(1, 12, size=(64, 10)).astype(np.int32)
+    lengths = rng.integers(0, 11, size=64)
+    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
+    got_ids, got_mask = end_at_eos(ids, mask, eos, pad)
+    for b in range(64):
+        n = int(lengths[b])
+        hits = [j for j in range(n) if ids[b, j] in eos]
+        keep = hits[0] + 1 if hits else n
+        assert got_mask[b].tolist() == [1] * keep + [0] * (10 - keep)
+        assert got_ids[b].tolist() == ids[b, :keep].tolist() + [pad] * (10 - keep)

@@ -90,3 +90,18 @@ def finish_result(prompt_ids: np.ndarray, prompt_mask: np.ndarray, completion_id
     finish = np.where(ended, FINISH_EOS, FINISH_LENGTH).astype(np.int32)
     return RolloutResult(prompt_ids=prompt_ids.astype(np.int32), prompt_mask=prompt_mask.astype(np.int32),
                          completion_ids=ids, completion_mask=cm, logprobs=lp, finish_reason=finish)
+
+
+def end_at_eos(completion_ids: np.ndarray, completion_mask: np.ndarray, eos_ids: tuple[int, ...],
+               pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) with each row's mask ending at its first id of `eos_ids` (kept), pad after it.
+
+    A completion made by another model (the teacher under seq_kd, which may stop on
+    other ids) then ends where the student's EOS set says it does.
+    """
+    ids = np.asarray(completion_ids, np.int32)
+    mask = np.asarray(completion_mask, np.int32)
+    hit = np.isin(ids, np.asarray(eos_ids, np.int32)) & (mask == 1)
+    first = np.where(hit.any(1), hit.argmax(1), ids.shape[1])
+    keep = (np.arange(ids.shape[1])[None, :] <= first[:, None]) & (mask == 1)
+    return np.where(keep, ids, pad_id).astype(np.int32), keep.astype(np.int32)
