@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.address = ""         # tcp://host:15555; "" = start an embedded local teacher
     c.teacher.port = 0             # port of the embedded teacher (0 = any free port)
     c.teacher.backend = "jax"      # embedded teacher backend: jax | vllm
+    c.teacher.dtype = "auto"       # embedded teacher weights+compute: auto (bf16 on accelerators, f32 on CPU) | float32 | bfloat16 | float16
     c.teacher.timeout_s = 60.0
     c.teacher.max_retries = 5
     c.teacher.max_in_flight = 4
@@ -167,6 +168,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
            cfg.rollout.gpu_memory_utilization, "must be in (0, 1]")
     _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
+    _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
     _check(cfg.model.param_dtype == "float32", "model.param_dtype", cfg.model.param_dtype,
            "master weights must be float32")
     _check(t.global_batch_size >= 1, "trainer.global_batch_size", t.global_batch_size, "must be >= 1")

@@ -5,11 +5,12 @@
 #
 # MODEL_DIR is an HF-format folder (config.json, *.safetensors, tokenizer files).
 # Environment (defaults): PORT=15555 WORKER_PORT=15556 HOST=127.0.0.1 (0.0.0.0 opens
-# both sockets to the network) BACKEND=jax WORKERS=1 WAIT_S=900 LOG_DIR=./teacher_logs
+# both sockets to the network) BACKEND=jax DTYPE=auto (float32|bfloat16|float16; auto =
+# bfloat16 on accelerators, float32 on CPU) WORKERS=1 WAIT_S=900 LOG_DIR=./teacher_logs
 # PYTHON=python. The server runs in the background (pid in $LOG_DIR/teacher_server.pid,
 # log in $LOG_DIR/teacher_server.log); stop it with: kill $(cat $LOG_DIR/teacher_server.pid)
 # More workers, here or on other hosts, can join a running server with
-#   python -m gold_jax.teacher.worker --model MODEL_DIR --connect tcp://SERVER_HOST:15556
+#   python -m gold_jax.teacher.worker --model MODEL_DIR --dtype auto --connect tcp://SERVER_HOST:15556
 set -euo pipefail
 
 MODEL="${1:?usage: launch/start_teacher.sh MODEL_DIR [N_WORKERS]}"
@@ -18,6 +19,7 @@ PORT="${PORT:-15555}"
 WORKER_PORT="${WORKER_PORT:-15556}"
 HOST="${HOST:-127.0.0.1}"
 BACKEND="${BACKEND:-jax}"
+DTYPE="${DTYPE:-auto}"
 WAIT_S="${WAIT_S:-900}"
 LOG_DIR="${LOG_DIR:-./teacher_logs}"
 PYTHON="${PYTHON:-python}"
@@ -34,7 +36,7 @@ CONNECT_HOST="$HOST"
 [[ "$HOST" == "0.0.0.0" || "$HOST" == "*" ]] && CONNECT_HOST=127.0.0.1
 ADDR="tcp://$CONNECT_HOST:$PORT"
 
-nohup "$PYTHON" -m gold_jax.teacher.server --model "$MODEL" --backend "$BACKEND" --host "$HOST" \
+nohup "$PYTHON" -m gold_jax.teacher --model "$MODEL" --backend "$BACKEND" --dtype "$DTYPE" --host "$HOST" \
   --port "$PORT" --worker-port "$WORKER_PORT" --workers "$WORKERS" >"$LOG" 2>&1 &
 PID=$!
 echo "$PID" >"$LOG_DIR/teacher_server.pid"

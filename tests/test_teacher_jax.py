@@ -174,3 +174,26 @@ def test_start_teacher_script(model_dir, tmp_path):
                 if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode:
                     break
                 time.sleep(0.1)
+
+
+def test_bfloat16_teacher_has_bf16_params_and_close_scores(served, model_dir):
+    """teacher.dtype=bfloat16: weights (not only compute) in bf16; scores within bf16 error of float32's."""
+    import jax
+    from gold_jax.teacher.backends import make_backend
+    f32, _ = served
+    bf16 = make_backend("jax", model_dir, dtype="bfloat16")
+    params = jax.tree.leaves(nnx.state(bf16.model, nnx.Param))
+    assert params and all(p.dtype == jax.numpy.bfloat16 for p in params)
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(nnx.state(f32.model, nnx.Param)))
+    vocab = f32.info()["vocab_size"]
+    batch = make_batch(np.random.default_rng(7), vocab)
+    kw = dict(top_k=0, temperature=1.0, completion_start=batch.completion_start)
+    a = f32.score(batch.input_ids, batch.attention_mask, **kw)
+    b = bf16.score(batch.input_ids, batch.attention_mask, **kw)
+    assert b.logprobs.dtype == np.float32   # scores travel as float32 whatever the compute dtype
+    assert not np.array_equal(a.logprobs, b.logprobs)   # it really ran in bf16
+    np.testing.assert_allclose(b.logprobs, a.logprobs, atol=0.05)
+    p, q = np.exp(a.logprobs.astype(np.float64)), np.exp(b.logprobs.astype(np.float64))
+    assert float(np.abs(p - q).sum(-1).max()) < 0.05   # total variation between the two teachers
+    # auto = float32 on CPU
+    assert make_backend("jax", model_dir, dtype="auto").model.config.dtype == "float32"

@@ -177,7 +177,8 @@ def test_malformed_oversized_and_random_bytes_get_error_replies():
         }
         for name, frames in cases.items():
             rep = _raw_roundtrip(addr, frames)
-            assert not rep.ok and rep.error.startswith("bad "), (name, rep.error)
+            assert not rep.ok and rep.code in P.CLIENT_FAULTS, (name, rep.code, rep.error)
+        assert _raw_roundtrip(addr, cases["bad version"]).code == P.ErrorCode.VERSION_MISMATCH
         assert "exceeds the limit" in _raw_roundtrip(addr, cases["oversized"]).error
         rep = _raw_roundtrip(addr, good)
         assert rep.ok and rep.arrays["ids"].shape == (1, 3, 3)
@@ -315,3 +316,195 @@ def test_queue_is_bounded():
                 assert f.result(20).ids.shape == (3, 4, 4)
     finally:
         t.close()
+
+
+# ------------------------------------------------------------ wire robustness (issue 12 item 9)
+
+def _header(**kw):
+    h = {"v": P.PROTOCOL_VERSION, "id": "x1", "op": "score", "args": {"top_k": 3, "temperature": 1.0},
+         "arrays": [["input_ids", "int32", [1, 4]], ["attention_mask", "int32", [1, 4]]]}
+    h.update(kw)
+    return msgpack.packb(h)
+
+
+def test_unhashable_dtype_and_wrong_types_get_bad_request_replies(teacher):
+    z = bytes(16)
+    cases = {
+        "list dtype": [_header(arrays=[["input_ids", ["int32"], [1, 4]], ["attention_mask", "int32", [1, 4]]]), z, z],
+        "map dtype": [_header(arrays=[["input_ids", {"a": 1}, [1, 4]], ["attention_mask", "int32", [1, 4]]]), z, z],
+        "map name": [_header(arrays=[[{"n": 1}, "int32", [1, 4]], ["attention_mask", "int32", [1, 4]]]), z, z],
+        "map op": [_header(op={"score": 1}), z, z],
+        "list id": [_header(id=["x"]), z, z],
+        "map version": [_header(v={"1": 1}), z, z],
+        "float top_k": [_header(args={"top_k": 3.5, "temperature": 1.0}), z, z],
+        "nan temperature": [_header(args={"top_k": 3, "temperature": float("nan")}), z, z],
+        "list temperature": [_header(args={"top_k": 3, "temperature": [1.0]}), z, z],
+        "map completion_start": [_header(args={"top_k": 3, "temperature": 1.0, "completion_start": {}}), z, z],
+        "args list": [_header(args=[1]), z, z],
+        "negative shape": [_header(arrays=[["input_ids", "int32", [-1, 4]], ["attention_mask", "int32", [1, 4]]]),
+                           z, z],
+        "huge shape": [_header(arrays=[["input_ids", "int32", [1 << 40, 4]], ["attention_mask", "int32", [1, 4]]]),
+                       z, z],
+    }
+    for name, frames in cases.items():
+        rep = _raw_roundtrip(teacher.server.address, frames)
+        assert not rep.ok and rep.code in P.CLIENT_FAULTS, (name, rep.error)
+    assert teacher.thread.is_alive()
+    good = P.encode_request("after", "score", {"top_k": 3, "temperature": 1.0},
+                            {"input_ids": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32)})
+    assert _raw_roundtrip(teacher.server.address, good).ok
+
+
+def test_protocol_decoders_raise_only_protocol_errors():
+    """Every message kind: wrong types in every field give ProtocolError, never TypeError/KeyError."""
+    bad_fields = [None, True, -1, 1 << 62, 1.5, float("nan"), "s", b"b", [], [1, [2]], {}, {"k": [1]}]
+    reply = {"v": 1, "id": "r", "ok": False, "code": "busy", "error": "e", "meta": {}, "arrays": []}
+    request = {"v": 1, "id": "r", "op": "ping", "args": {}, "arrays": []}
+    for base in (reply, request):
+        for key in base:
+            for v in bad_fields:
+                try:
+                    P.decode([msgpack.packb({**base, key: v})])
+                except P.ProtocolError:
+                    pass
+    for kind, extra in [("ready", {"v": 1, "info": {}}), ("hb", {}), ("reply", {})]:
+        for key in ["type", *extra]:
+            for v in bad_fields:
+                try:
+                    P.decode_worker_message([msgpack.packb({"type": kind, **extra, key: v}), b"x"])
+                except P.ProtocolError:
+                    pass
+    for kind, extra in [("task", {"n_frames": [1]}), ("who", {}), ("reject", {"error": "e"})]:
+        for key in ["type", *extra]:
+            for v in bad_fields:
+                try:
+                    P.decode_server_message([msgpack.packb({"type": kind, **extra, key: v}), b"x"])
+                except P.ProtocolError:
+                    pass
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode([msgpack.packb({**reply, "v": 2})])
+    assert e.value.code == P.ErrorCode.VERSION_MISMATCH
+
+
+class FakeServer:
+    """A ROUTER that answers each request with `respond(header) -> list of frames | None`."""
+
+    def __init__(self, respond):
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.respond, self.stop = respond, threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            if self.sock.poll(50):
+                ident, *frames = self.sock.recv_multipart()
+                out = self.respond(msgpack.unpackb(frames[0]))
+                if out is not None:
+                    self.sock.send_multipart([ident, *out])
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close(0)
+
+
+def test_malformed_replies_fail_the_future_and_the_client_keeps_working():
+    def respond(h):
+        if h["op"] == "ping":   # a valid reply: the client still works afterwards
+            return P.encode_reply(h["id"], meta={"pong": True, "workers": 1})
+        if h["op"] == "info":   # a server of another protocol version
+            return P.encode_reply(h["id"], meta={"protocol_version": 2})
+        if h["args"]["top_k"] == 1:  # unhashable dtype in the reply (the crash of issue 12)
+            return [msgpack.packb({"v": 1, "id": h["id"], "ok": True, "meta": {},
+                                   "arrays": [["logprobs", ["float32"], [1]]]}), b"\0" * 4]
+        if h["args"]["top_k"] == 2:  # garbage without an id, then nothing
+            return [b"\xc1garbage"]
+        return [msgpack.packb({"v": 1, "id": h["id"], "ok": False, "code": {"x": 1}, "error": 5})]
+
+    fake = FakeServer(respond)
+    batch = make_batch(np.random.default_rng(0))
+    try:
+        with TeacherClient(fake.address, timeout_s=0.5, max_retries=1) as c:
+            with pytest.raises(TeacherError, match="malformed reply"):
+                c.score(batch, top_k=1, temperature=1.0).result(10)
+            with pytest.raises(TeacherError, match="malformed reply"):
+                c.score(batch, top_k=3, temperature=1.0).result(10)
+            with pytest.raises(TimeoutError):   # unattributable garbage: dropped, the request times out
+                c.score(batch, top_k=2, temperature=1.0).result(10)
+            with pytest.raises(ValueError, match="protocol version 2"):
+                c.info()
+            assert c.ping()["pong"] is True
+            assert c.stats["bad_replies"] >= 3 and c._thread.is_alive()
+    finally:
+        fake.close()
+
+
+def test_dead_io_loop_fails_pending_futures_and_restarts(teacher):
+    batch = make_batch(np.random.default_rng(0))
+    with TeacherClient(teacher.server.address, timeout_s=10) as c:
+        def broken_send(sock, req):
+            raise RuntimeError("simulated I/O failure")
+        c._send = broken_send   # the loop calls self._send: make it fail once per request
+        fut = c.score(batch, top_k=4, temperature=1.0)
+        with pytest.raises(ConnectionError, match="simulated I/O failure"):
+            fut.result(10)      # failed, not left hanging: resolve() can re-send it
+        del c._send
+        assert c.score(batch, top_k=4, temperature=1.0).result(20).ids.shape == (3, 4, 4)
+        assert c.stats["io_failures"] >= 1
+
+
+def test_server_module_does_not_import_its_cli():
+    code = ("import sys, gold_jax.teacher.server, gold_jax.teacher.worker, gold_jax.teacher.client; "
+            "bad = [m for m in ('gold_jax.teacher.cli', 'gold_jax.teacher.__main__') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    src = open(os.path.join(os.path.dirname(P.__file__), "server.py")).read()
+    assert "teacher.cli" not in src and "import cli" not in src
+
+
+def _run_cli(args, env=None, timeout=120):
+    base = {k: v for k, v in os.environ.items() if k != "GOLD_JAX_TRACEBACK"}
+    env = {**base, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_expected_errors_are_one_line(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    for args in (["gold_jax.teacher", "--model", missing, "--port", "0", "--worker-port", "0"],
+                 ["gold_jax.teacher.worker", "--model", missing]):
+        out = _run_cli(args)
+        assert out.returncode == 2, out.stderr
+        assert f"error: --model {missing!r} is not a directory" in out.stderr
+        assert "Traceback" not in out.stderr
+    out = _run_cli(["gold_jax.teacher.worker", "--model", missing], env={"GOLD_JAX_TRACEBACK": "1"})
+    assert out.returncode != 0 and "Traceback" in out.stderr
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = _run_cli(["gold_jax.teacher.status", "--address", f"tcp://127.0.0.1:{port}"])
+    assert out.returncode == 2 and out.stderr.startswith("error: teacher check failed"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_server_exit_status_and_cause_are_logged(tmp_path):
+    empty = tmp_path / "empty-model"   # a directory without a model: the local worker fails
+    empty.mkdir()
+    out = _run_cli(["gold_jax.teacher", "--model", str(empty), "--port", "0", "--worker-port", "0",
+                    "--workers", "1"], timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "all 1 local workers exited" in out.stderr and "exit status 1" in out.stderr
+    assert "error: " in out.stderr   # the worker's own one-line error is in the log too
+    proc = subprocess.Popen([sys.executable, "-m", "gold_jax.teacher", "--model", "-", "--workers", "0",
+                             "--port", "0", "--worker-port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()          # "teacher server on ..." once it is serving
+        assert "teacher server on" in line, line
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + 15 and "received SIGTERM" in err, err

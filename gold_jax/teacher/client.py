@@ -6,17 +6,24 @@ cache or attach it to the running computation: a batch is never lost (it is
 re-sent after a timeout, also to a restarted server) and never applied twice
 (a future is resolved once; late duplicate replies are dropped). ZeroMQ
 reconnects the socket by itself after a server restart.
+
+The I/O thread survives any one bad reply (it fails that request's future, or
+drops and counts a reply it cannot attribute). Should the loop itself fail, the
+futures it held fail with ConnectionError, so that a caller's wait-and-resend
+(the trainer's `resolve`) takes over instead of waiting forever, and the loop
+restarts on a fresh socket.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import numpy as np
@@ -26,8 +33,15 @@ from gold_jax.teacher import protocol as P
 from gold_jax.types import RolloutResult, SequenceBatch, TeacherScores
 
 
+log = logging.getLogger("gold_jax.teacher.client")
+
+
 class TeacherError(RuntimeError):
     """The server or a worker failed on a request."""
+
+
+class TeacherRequestError(ValueError):
+    """The teacher refused the request itself (bad arguments, another protocol version): do not retry."""
 
 
 @dataclasses.dataclass
@@ -65,7 +79,7 @@ class TeacherClient:
         self._wake_lock = threading.Lock()
         self._closed = threading.Event()
         self.stats = collections.Counter()
-        self._thread = threading.Thread(target=self._loop, name="teacher-client", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="teacher-client", daemon=True)
         self._thread.start()
         self.teacher_info: dict[str, Any] | None = None
         if tokenizer_fingerprint is not None:
@@ -77,7 +91,20 @@ class TeacherClient:
 
     # ------------------------------------------------------------- public API
     def info(self) -> dict[str, Any]:
-        return self._wait(self._call("info", {}, {}, lambda m: dict(m.args)))
+        """The teacher's info; ValueError when it speaks another protocol version (the handshake)."""
+        return self._wait(self._call("info", {}, {}, self._decode_info))
+
+    def _decode_info(self, m: P.Message) -> dict[str, Any]:
+        v = m.args.get("protocol_version")
+        if v != P.PROTOCOL_VERSION:
+            raise TeacherRequestError(
+                f"teacher at {self.address} speaks protocol version {str(v)[:32]}, this client "
+                f"{P.PROTOCOL_VERSION}: run the same gold_jax version on trainer and teacher")
+        from gold_jax.teacher.backends.base import check_info
+        try:
+            return {**check_info(m.args), "protocol_version": v}
+        except ValueError as e:
+            raise TeacherError(f"teacher at {self.address} sent a bad info reply: {e}") from None
 
     def ping(self) -> dict[str, Any]:
         return self._wait(self._call("ping", {}, {}, lambda m: dict(m.args)))
@@ -159,10 +186,13 @@ class TeacherClient:
     def _finish(self, req: _Req, result: Any = None, error: BaseException | None = None) -> None:
         if req.future.done():
             return
-        if error is not None:
-            req.future.set_exception(error)
-        else:
-            req.future.set_result(result)
+        try:
+            if error is not None:
+                req.future.set_exception(error)
+            else:
+                req.future.set_result(result)
+        except InvalidStateError:
+            pass  # cancelled by the caller meanwhile
 
     def _send(self, sock: zmq.Socket, req: _Req) -> None:
         req.attempts += 1
@@ -173,24 +203,57 @@ class TeacherClient:
             self.stats["send_blocked"] += 1  # no connection yet: the timeout re-sends it
 
     def _on_reply(self, inflight: dict, frames: list) -> None:
+        bufs = [f.buffer for f in frames]
         try:
-            msg = P.decode([f.buffer for f in frames], max_bytes=4 * P.MAX_MESSAGE_BYTES)
-        except P.ProtocolError:
+            msg = P.decode(bufs, max_bytes=4 * P.MAX_MESSAGE_BYTES)
+            if msg.op != "reply":
+                raise P.ProtocolError("the server sent a request, not a reply")
+        except P.ProtocolError as e:
             self.stats["bad_replies"] += 1
-            return
+            req = inflight.pop(P.peek_id(bufs[0]) if bufs else "", None)
+            if req is None:
+                log.warning("dropping a malformed reply from %s: %s", self.address, e)
+                return
+            cls = TeacherRequestError if e.code == P.ErrorCode.VERSION_MISMATCH else TeacherError
+            return self._finish(req, error=cls(f"teacher at {self.address} sent a malformed reply: {e}"))
         req = inflight.pop(msg.id, None)
         if req is None:
             self.stats["duplicate_replies"] += 1
             return
         if not msg.ok:
-            cls = ValueError if msg.error.startswith("bad ") else TeacherError
+            cls = TeacherRequestError if msg.code in P.CLIENT_FAULTS else TeacherError
             return self._finish(req, error=cls(f"teacher at {self.address}: {msg.error}"))
         try:
             self._finish(req, req.decode(msg))
+        except (TeacherError, TeacherRequestError) as e:
+            self._finish(req, error=e)
         except Exception as e:  # noqa: BLE001 - a malformed reply fails only its own future
             self._finish(req, error=TeacherError(f"teacher at {self.address} sent a bad {req.op} reply: {e}"))
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        """The I/O thread: `_loop` until close(); a loop that fails fails its futures and restarts."""
+        waiting: collections.deque[_Req] = collections.deque()
+        inflight: dict[str, _Req] = {}
+        while True:
+            try:
+                self._loop(waiting, inflight)
+                err: BaseException = ConnectionError(f"TeacherClient({self.address}) closed")
+            except Exception as e:  # noqa: BLE001
+                self.stats["io_failures"] += 1
+                log.exception("teacher client I/O loop failed; failing %d pending request(s) and restarting",
+                              len(inflight) + len(waiting))
+                err = ConnectionError(f"teacher client I/O for {self.address} failed: {type(e).__name__}: {e}")
+            for req in [*inflight.values(), *waiting]:
+                self._finish(req, error=err)
+            inflight.clear()
+            waiting.clear()
+            if self._closed.is_set():
+                while not self._submit.empty():
+                    self._finish(self._submit.get_nowait(), error=err)
+                return
+            time.sleep(0.1)
+
+    def _loop(self, waiting: collections.deque, inflight: dict) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -201,8 +264,6 @@ class TeacherClient:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
-        waiting: collections.deque[_Req] = collections.deque()
-        inflight: dict[str, _Req] = {}
         try:
             while not self._closed.is_set():
                 now = time.monotonic()
@@ -225,7 +286,11 @@ class TeacherClient:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_reply(inflight, frames)
+                        try:
+                            self._on_reply(inflight, frames)
+                        except Exception:  # noqa: BLE001 - one reply must not end the I/O thread
+                            self.stats["bad_replies"] += 1
+                            log.exception("dropping a reply from %s after an error", self.address)
                 now = time.monotonic()
                 for req in [r for r in inflight.values() if r.deadline <= now]:
                     if req.attempts > self.max_retries:
@@ -243,9 +308,4 @@ class TeacherClient:
                     inflight[req.rid] = req
                     self._send(sock, req)
         finally:
-            err = ConnectionError(f"TeacherClient({self.address}) closed")
-            for req in [*inflight.values(), *waiting]:
-                self._finish(req, error=err)
-            while not self._submit.empty():
-                self._finish(self._submit.get_nowait(), error=err)
             sock.close(0)

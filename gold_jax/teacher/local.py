@@ -55,14 +55,15 @@ class LocalTeacher:
 
 def start_local_teacher(model_path: str | None, *, backend: str | TeacherBackend = "jax", port: int = 0,
                         workers: int = 1, in_process: bool = True, ready_timeout_s: float = 300.0,
-                        inproc: bool = True, **server_kw: Any) -> LocalTeacher:
+                        inproc: bool = True, dtype: str = "auto", **server_kw: Any) -> LocalTeacher:
     """Start server + `workers` workers on 127.0.0.1 (port 0 picks free ports).
 
     In process, `.address` is an inproc:// endpoint (for clients in this process) unless
     `inproc=False`; the TCP port is open either way (`.server.address`).
 
     `backend` is a kind ("jax", "vllm") built from `model_path`, or, in process,
-    an already built TeacherBackend object shared by the worker threads.
+    an already built TeacherBackend object shared by the worker threads. `dtype` (auto,
+    float32, bfloat16, float16) is the teacher's weight and compute dtype (config teacher.dtype).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -72,7 +73,7 @@ def start_local_teacher(model_path: str | None, *, backend: str | TeacherBackend
         from gold_jax.teacher.worker import serve_worker
         server = TeacherServer("127.0.0.1", port, 0, **server_kw)
         threads, stops = [server.start_thread()], []
-        be = backend if isinstance(backend, TeacherBackend) else make_backend(backend, model_path)
+        be = backend if isinstance(backend, TeacherBackend) else make_backend(backend, model_path, dtype=dtype)
         for i in range(workers):
             stop = threading.Event()
             t = threading.Thread(target=serve_worker, args=(be, server.inproc_worker_address), kwargs={"stop": stop},
@@ -86,8 +87,8 @@ def start_local_teacher(model_path: str | None, *, backend: str | TeacherBackend
     if not isinstance(backend, str):
         raise TypeError("a subprocess teacher needs backend as a kind string ('jax' or 'vllm')")
     port = port or _free_port()
-    cmd = [sys.executable, "-m", "gold_jax.teacher.server", "--model", str(model_path), "--backend", backend,
-           "--port", str(port), "--worker-port", str(_free_port()), "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "gold_jax.teacher", "--model", str(model_path), "--backend", backend,
+           "--dtype", dtype, "--port", str(port), "--worker-port", str(_free_port()), "--workers", str(workers)]
     proc = subprocess.Popen(cmd)
     local = LocalTeacher(f"tcp://127.0.0.1:{port}", process=proc)
     from gold_jax.teacher.client import TeacherClient

@@ -1,17 +1,25 @@
-"""Teacher wire format: versioned msgpack headers followed by raw array frames.
+"""Teacher wire format: every message kind, its checks, the batching key and the error codes.
 
 A message is a list of ZeroMQ frames: frame 0 is a msgpack map, frames 1..n
 are the raw little-endian bytes of the arrays it names (``[name, dtype,
 shape]``), so arrays travel without a copy into msgpack and never through
-pickle. Every decoded field is validated before use: a hostile or broken peer
-gets an error reply, never a crash or an allocation it chose.
+pickle. Every field of every message kind is type-checked here before anyone
+uses it: a hostile or broken peer gets an error reply (or its message is
+dropped and logged), never a crash or an allocation it chose.
 
-    request: {"v": 1, "id": str, "op": str, "args": {...}, "arrays": [[name, dtype, shape], ...]}
-    reply:   {"v": 1, "id": str, "ok": bool, "error": str, "meta": {...}, "arrays": [...]}
+    client -> server  request: {"v", "id": str, "op": str, "args": {...}, "arrays": [[name, dtype, shape]]}
+    server -> client  reply:   {"v", "id": str, "ok": bool, "code": str, "error": str, "meta": {...}, "arrays"}
+    worker -> server  {"type": "ready", "v", "info": {...}} | {"type": "hb"} | {"type": "reply"} + reply frames
+    server -> worker  {"type": "task", "n_frames": [int]} + request frames | {"type": "who"}
+                      | {"type": "reject", "error": str}
+
+`info` replies carry ``protocol_version``: the handshake in which a client
+finds out that it speaks another version than the server.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,10 +39,29 @@ MAX_TOKENS = 1 << 22            # B * L of one request
 MAX_TOP_K = 1024
 MAX_ARRAYS = 16
 MAX_NEW_TOKENS = 1 << 16
+MAX_ID_CHARS = 128
+MAX_ERROR_CHARS = 4096
+MAX_TASK_REQUESTS = 4096        # requests in one server -> worker task
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request failed; travels as the reply's "code" so nobody parses message text."""
+    BAD_REQUEST = "bad_request"            # malformed or invalid: retrying cannot help
+    VERSION_MISMATCH = "version_mismatch"  # the peers speak different protocol versions
+    BUSY = "busy"                          # queue full: retry later
+    BACKEND_FAILED = "backend_failed"      # the worker's model raised
+    INTERNAL = "internal"                  # a bug in the server
+
+
+CLIENT_FAULTS = (ErrorCode.BAD_REQUEST, ErrorCode.VERSION_MISMATCH)
 
 
 class ProtocolError(ValueError):
     """A message that does not follow the protocol (reported back to the sender)."""
+
+    def __init__(self, msg: str, code: ErrorCode = ErrorCode.BAD_REQUEST):
+        super().__init__(msg)
+        self.code = code
 
 
 @dataclasses.dataclass
@@ -45,6 +72,7 @@ class Message:
     arrays: dict[str, np.ndarray]
     ok: bool = True
     error: str = ""
+    code: ErrorCode | None = None
 
 
 def _array_specs(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:
@@ -70,69 +98,230 @@ def encode_request(req_id: str, op: str, args: Mapping[str, Any] | None = None,
 
 
 def encode_reply(req_id: str, *, meta: Mapping[str, Any] | None = None,
-                 arrays: Mapping[str, np.ndarray] | None = None, error: str = "") -> list:
+                 arrays: Mapping[str, np.ndarray] | None = None, error: str = "",
+                 code: ErrorCode | None = None) -> list:
+    """A reply; with `error`, a failure whose `code` (default BACKEND_FAILED) says whose fault it is."""
     specs, frames = _array_specs(arrays or {}) if not error else ([], [])
-    header = {"v": PROTOCOL_VERSION, "id": req_id, "ok": not error, "error": error,
+    header = {"v": PROTOCOL_VERSION, "id": req_id, "ok": not error, "error": error[:MAX_ERROR_CHARS],
+              "code": (code or ErrorCode.BACKEND_FAILED).value if error else "",
               "meta": dict(meta or {}), "arrays": specs}
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
-def _check(cond: bool, msg: str) -> None:
+def error_reply(req_id: str, err: ProtocolError | str, code: ErrorCode | None = None) -> list:
+    """Error reply to `req_id` ("?" when the request had no readable id)."""
+    if isinstance(err, ProtocolError):
+        code = code or err.code
+    return encode_reply(req_id or "?", error=str(err), code=code or ErrorCode.BAD_REQUEST)
+
+
+def _check(cond: bool, msg: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
     if not cond:
-        raise ProtocolError(msg)
+        raise ProtocolError(msg, code)
 
 
-def peek_id(frame: bytes) -> str:
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _valid_id(rid: Any) -> bool:
+    return isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS
+
+
+def _unpack_map(frame: Any, what: str) -> dict:
+    _check(len(frame) <= MAX_HEADER_BYTES, f"{what} of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types
+        raise ProtocolError(f"{what} is not valid msgpack: {type(e).__name__}") from None
+    _check(isinstance(h, dict), f"{what} must be a msgpack map, got {type(h).__name__}")
+    return h
+
+
+def peek_id(frame: Any) -> str:
     """Best-effort request id of a header frame (for error replies to bad messages)."""
     try:
         h = msgpack.unpackb(bytes(frame[:MAX_HEADER_BYTES]), raw=False)
         rid = h.get("id", "") if isinstance(h, dict) else ""
-        return rid if isinstance(rid, str) and len(rid) <= 128 else ""
+        return rid if _valid_id(rid) else ""
     except Exception:  # noqa: BLE001 - any garbage means "no id"
         return ""
 
 
-def decode(frames: Sequence[bytes], *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Parse and validate the framing of a request or reply (not the op's arguments)."""
-    _check(len(frames) >= 1, "empty message")
-    total = sum(len(f) for f in frames)
-    _check(total <= max_bytes, f"message of {total} bytes exceeds the limit of {max_bytes} bytes")
-    _check(len(frames[0]) <= MAX_HEADER_BYTES, f"header of {len(frames[0])} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        h = msgpack.unpackb(bytes(frames[0]), raw=False, strict_map_key=True)
-    except Exception as e:  # noqa: BLE001 - msgpack raises several types
-        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from None
-    _check(isinstance(h, dict), "header must be a msgpack map")
-    _check(h.get("v") == PROTOCOL_VERSION, f"protocol version {h.get('v')!r} != {PROTOCOL_VERSION}")
-    rid = h.get("id")
-    _check(isinstance(rid, str) and 0 < len(rid) <= 128, "'id' must be a non-empty string of <= 128 chars")
-    specs = h.get("arrays", [])
-    _check(isinstance(specs, list) and len(specs) <= MAX_ARRAYS, "'arrays' must be a list of <= 16 specs")
-    _check(len(specs) == len(frames) - 1, f"header names {len(specs)} arrays but {len(frames) - 1} frames follow")
+def _decode_arrays(specs: Any, bufs: Sequence[Any]) -> dict[str, np.ndarray]:
+    _check(isinstance(specs, list) and len(specs) <= MAX_ARRAYS, f"'arrays' must be a list of <= {MAX_ARRAYS} specs")
+    _check(len(specs) == len(bufs), f"header names {len(specs)} arrays but {len(bufs)} frames follow")
     arrays: dict[str, np.ndarray] = {}
-    for spec, buf in zip(specs, frames[1:]):
+    for spec, buf in zip(specs, bufs):
         _check(isinstance(spec, list) and len(spec) == 3, "array spec must be [name, dtype, shape]")
         name, dt, shape = spec
-        _check(isinstance(name, str) and name not in arrays, f"bad or duplicate array name {name!r}")
-        _check(dt in DTYPES, f"array {name!r}: dtype {dt!r} not allowed (int32, float32)")
-        _check(isinstance(shape, list) and len(shape) <= 4
-               and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape),
-               f"array {name!r}: bad shape {shape!r}")
+        _check(isinstance(name, str) and len(name) <= 64 and name not in arrays,
+               f"bad or duplicate array name {str(name)[:64]!r}")
+        _check(isinstance(dt, str) and dt in DTYPES, f"array {name!r}: dtype {str(dt)[:32]!r} not allowed "
+               f"(int32, float32)")
+        _check(isinstance(shape, list) and len(shape) <= 4 and all(_is_int(d) and 0 <= d < 1 << 31 for d in shape),
+               f"array {name!r}: bad shape {str(shape)[:64]}")
         nbytes = math.prod(shape) * DTYPES[dt].itemsize
         _check(nbytes == len(buf), f"array {name!r}: shape {shape} {dt} needs {nbytes} bytes, got {len(buf)}")
         arrays[name] = np.frombuffer(buf, dtype=DTYPES[dt]).reshape(shape)
+    return arrays
+
+
+def decode(frames: Sequence[Any], *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate the framing of a request or reply (not the op's arguments).
+
+    Raises only ProtocolError, whatever the bytes.
+    """
+    try:
+        return _decode(frames, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a check above missed a case: still the sender's fault
+        raise ProtocolError(f"malformed message ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _decode(frames: Sequence[Any], max_bytes: int) -> Message:
+    _check(len(frames) >= 1, "empty message")
+    total = sum(len(f) for f in frames)
+    _check(total <= max_bytes, f"message of {total} bytes exceeds the limit of {max_bytes} bytes")
+    h = _unpack_map(frames[0], "header")
+    v = h.get("v")
+    _check(_is_int(v) and v == PROTOCOL_VERSION,
+           f"protocol version {str(v)[:32]} from the peer, this side speaks {PROTOCOL_VERSION}: "
+           "run the same gold_jax version on client, server and workers", ErrorCode.VERSION_MISMATCH)
+    rid = h.get("id")
+    _check(_valid_id(rid), f"'id' must be a non-empty string of <= {MAX_ID_CHARS} chars")
+    arrays = _decode_arrays(h.get("arrays", []), frames[1:])
     if "op" in h:
-        _check(h["op"] in OPS, f"unknown op {h['op']!r}; expected one of {OPS}")
+        op = h["op"]
+        _check(isinstance(op, str) and op in OPS, f"unknown op {str(op)[:32]!r}; expected one of {OPS}")
         args = h.get("args", {})
         _check(isinstance(args, dict), "'args' must be a map")
-        return Message(rid, h["op"], args, arrays)
-    _check(isinstance(h.get("ok"), bool), "reply needs a boolean 'ok' or a request needs an 'op'")
-    meta = h.get("meta", {})
+        return Message(rid, op, args, arrays)
+    ok = h.get("ok")
+    _check(isinstance(ok, bool), "reply needs a boolean 'ok' or a request needs an 'op'")
+    meta, error, code = h.get("meta", {}), h.get("error", ""), h.get("code", "")
     _check(isinstance(meta, dict), "'meta' must be a map")
-    return Message(rid, "reply", meta, arrays, ok=h["ok"], error=str(h.get("error", ""))[:4096])
+    _check(isinstance(error, str), "'error' must be a string")
+    _check(isinstance(code, str), "'code' must be a string")
+    _check(ok or code in {c.value for c in ErrorCode}, f"unknown error code {code[:32]!r}")
+    return Message(rid, "reply", meta, arrays, ok=ok, error=error[:MAX_ERROR_CHARS],
+                   code=None if ok else ErrorCode(code))
+
+
+# ------------------------------------------------------------ server <-> worker
+
+@dataclasses.dataclass
+class WorkerMessage:
+    """A worker's message to the server: "ready" (with info), "hb", or "reply" (with reply frames)."""
+    kind: str
+    info: dict | None = None
+    frames: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ServerMessage:
+    """The server's message to a worker: "task" (with its requests' frames), "who", or "reject"."""
+    kind: str
+    requests: list = dataclasses.field(default_factory=list)
+    error: str = ""
+
+
+def encode_ready(info: Mapping[str, Any]) -> list:
+    return [msgpack.packb({"type": "ready", "v": PROTOCOL_VERSION, "info": dict(info)})]
+
+
+def encode_heartbeat() -> list:
+    return [msgpack.packb({"type": "hb"})]
+
+
+def encode_worker_reply(reply_frames: Sequence[Any]) -> list:
+    return [msgpack.packb({"type": "reply"}), *reply_frames]
+
+
+def encode_task(requests: Sequence[Sequence[Any]]) -> list:
+    return [msgpack.packb({"type": "task", "n_frames": [len(r) for r in requests]}),
+            *(f for r in requests for f in r)]
+
+
+def encode_who() -> list:
+    return [msgpack.packb({"type": "who"})]
+
+
+def encode_reject(error: str) -> list:
+    return [msgpack.packb({"type": "reject", "error": error[:MAX_ERROR_CHARS]})]
+
+
+def decode_worker_message(frames: Sequence[Any]) -> WorkerMessage:
+    """A worker -> server message, checked (ProtocolError for anything else).
+
+    A "ready" message's info is checked by the caller (backends.base.check_info).
+    """
+    try:
+        _check(len(frames) >= 1, "empty worker message")
+        h = _unpack_map(frames[0], "worker header")
+        kind = h.get("type")
+        _check(isinstance(kind, str) and kind in ("ready", "hb", "reply"), f"unknown worker message {str(kind)[:32]!r}")
+        if kind == "ready":
+            v = h.get("v")
+            _check(_is_int(v) and v == PROTOCOL_VERSION,
+                   f"worker speaks protocol version {str(v)[:32]}, this server {PROTOCOL_VERSION}",
+                   ErrorCode.VERSION_MISMATCH)
+            _check(isinstance(h.get("info"), dict), "worker 'ready' needs an 'info' map")
+            return WorkerMessage("ready", info=h["info"])
+        if kind == "reply":
+            _check(len(frames) >= 2, "worker 'reply' carries no reply frames")
+            return WorkerMessage("reply", frames=list(frames[1:]))
+        _check(len(frames) == 1, "worker heartbeat with extra frames")
+        return WorkerMessage("hb")
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ProtocolError(f"malformed worker message ({type(e).__name__})") from None
+
+
+def decode_server_message(frames: Sequence[Any]) -> ServerMessage:
+    """A server -> worker message, checked (ProtocolError for anything else)."""
+    try:
+        _check(len(frames) >= 1, "empty server message")
+        h = _unpack_map(frames[0], "server header")
+        kind = h.get("type")
+        _check(isinstance(kind, str) and kind in ("task", "who", "reject"), f"unknown server message {str(kind)[:32]!r}")
+        if kind == "reject":
+            err = h.get("error", "")
+            return ServerMessage("reject", error=err[:MAX_ERROR_CHARS] if isinstance(err, str) else repr(err)[:200])
+        if kind == "who":
+            return ServerMessage("who")
+        n = h.get("n_frames")
+        _check(isinstance(n, list) and 0 < len(n) <= MAX_TASK_REQUESTS
+               and all(_is_int(k) and 1 <= k <= MAX_ARRAYS + 1 for k in n),
+               "task 'n_frames' must be a non-empty list of frame counts")
+        _check(sum(n) == len(frames) - 1, f"task names {sum(n)} frames but {len(frames) - 1} follow")
+        out, i = [], 1
+        for k in n:
+            out.append(list(frames[i:i + k]))
+            i += k
+        return ServerMessage("task", requests=out)
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ProtocolError(f"malformed server message ({type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- op arguments
+
+def _checked(fn):
+    """Op-argument checks raise only ProtocolError, whatever the message holds."""
+    def wrapped(msg: Message, info: Mapping) -> dict[str, Any]:
+        try:
+            return fn(msg, info)
+        except ProtocolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a check missed a case: still the sender's fault
+            raise ProtocolError(f"malformed {msg.op} arguments ({type(e).__name__}: {str(e)[:200]})") from None
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
 
 def _int(args: Mapping, key: str, lo: int, hi: int) -> int:
     v = args.get(key)
@@ -164,6 +353,7 @@ def _tokens(arrays: Mapping, ids_key: str, mask_key: str, info: Mapping) -> tupl
     return ids, mask
 
 
+@_checked
 def validate_score(msg: Message, info: Mapping) -> dict[str, Any]:
     """Checked score arguments: input_ids, attention_mask, top_k, temperature, completion_start."""
     ids, mask = _tokens(msg.arrays, "input_ids", "attention_mask", info)
@@ -179,7 +369,15 @@ def validate_score(msg: Message, info: Mapping) -> dict[str, Any]:
     return dict(input_ids=ids, attention_mask=mask, top_k=top_k, temperature=temperature, completion_start=cs)
 
 
+def batch_key(score_args: Mapping[str, Any]) -> tuple:
+    """Checked score requests with equal keys can be concatenated into one backend call."""
+    a = score_args
+    return ("score", a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1])
+
+
+@_checked
 def validate_generate(msg: Message, info: Mapping) -> dict[str, Any]:
+    """Checked generate arguments: prompt_ids, prompt_mask and the sampling settings."""
     ids, mask = _tokens(msg.arrays, "prompt_ids", "prompt_mask", info)
     return dict(prompt_ids=ids, prompt_mask=mask,
                 max_new_tokens=_int(msg.args, "max_new_tokens", 1, min(MAX_NEW_TOKENS, info["max_length"])),
@@ -199,13 +397,16 @@ def scores_from_message(msg: Message, *, batch: int, rows: int, top_k: int) -> T
     a = msg.arrays
     lp, tok = a.get("logprobs"), a.get("token_logprob")
     _check(lp is not None and tok is not None, "score reply lacks 'logprobs' or 'token_logprob'")
+    _check(lp.dtype == np.float32 and tok.dtype == np.float32, "score reply log-probs must be float32")
     _check(lp.ndim == 3 and lp.shape[:2] == (batch, rows) and (top_k == 0 or lp.shape[2] == top_k),
            f"score reply 'logprobs' has shape {lp.shape}, expected ({batch}, {rows}, {top_k or 'V'})")
     _check(tok.shape == (batch, rows), f"score reply 'token_logprob' has shape {tok.shape}")
     ids, mass = a.get("ids"), a.get("topk_logmass")
     if top_k:
-        _check(ids is not None and ids.shape == lp.shape, "score reply lacks top-k 'ids' of the right shape")
-        _check(mass is not None and mass.shape == (batch, rows), "score reply lacks 'topk_logmass'")
+        _check(ids is not None and ids.shape == lp.shape and ids.dtype == np.int32,
+               "score reply lacks int32 top-k 'ids' of the right shape")
+        _check(mass is not None and mass.shape == (batch, rows) and mass.dtype == np.float32,
+               "score reply lacks a float32 'topk_logmass' of the right shape")
     return TeacherScores(logprobs=lp, ids=ids if top_k else None,
                          topk_logmass=mass if top_k else None, token_logprob=tok)
 
@@ -218,4 +419,13 @@ def rollout_from_message(msg: Message) -> RolloutResult:
     a = msg.arrays
     need = [f.name for f in dataclasses.fields(SequenceBatch)]
     _check(all(k in a for k in need), f"generate reply lacks one of {need}")
+    b, r = a["prompt_ids"].shape[0] if a["prompt_ids"].ndim == 2 else -1, a["completion_ids"].shape[-1]
+    for k in need:
+        _check(a[k].dtype == np.int32 and a[k].ndim == 2 and a[k].shape[0] == b, f"generate reply {k!r}: bad shape")
+    _check(a["prompt_mask"].shape == a["prompt_ids"].shape and a["completion_mask"].shape == (b, r),
+           "generate reply masks do not match their ids")
+    if "logprobs" in a:
+        _check(a["logprobs"].shape == (b, r), "generate reply 'logprobs' has the wrong shape")
+    if "finish_reason" in a:
+        _check(a["finish_reason"].shape == (b,), "generate reply 'finish_reason' has the wrong shape")
     return RolloutResult(**{k: v for k, v in a.items() if k in {f.name for f in dataclasses.fields(RolloutResult)}})

@@ -8,7 +8,10 @@ on which worker and puts it back in the queue when that worker stops
 heartbeating. Request ids make retries idempotent: a retried id that is queued
 or running just gains a waiter; a finished one gets its cached reply again.
 
-    python -m gold_jax.teacher.server --model PATH [--backend jax] [--host 127.0.0.1]
+The messages themselves (and their checks) live in protocol.py; the command
+line (worker processes, signals, exit status) in cli.py:
+
+    python -m gold_jax.teacher --model PATH [--backend jax] [--dtype auto] [--host 127.0.0.1]
         [--port 15555] [--worker-port 15556] [--workers N]
 """
 from __future__ import annotations
@@ -21,7 +24,6 @@ import threading
 import time
 from typing import Any
 
-import msgpack
 import zmq
 
 from gold_jax.teacher import protocol as P
@@ -66,8 +68,8 @@ class TeacherServer:
             s.setsockopt(zmq.LINGER, 0)
         # Hard cap in libzmq (drops the connection); the softer limit below gets an error reply.
         self.front.setsockopt(zmq.MAXMSGSIZE, 4 * max_message_bytes + (1 << 20))
-        self.port = self._bind(self.front, host, port)
-        self.worker_port = self._bind(self.back, host, worker_port)
+        self.port = self._bind_port(self.front, host, port)
+        self.worker_port = self._bind_port(self.back, host, worker_port)
         self.address = f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.port}"
         self.worker_address = f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.worker_port}"
         # In-process endpoints: threads of this process (the embedded teacher) skip TCP, and
@@ -92,9 +94,10 @@ class TeacherServer:
         self.held: list = []                 # requests that arrived before any worker registered
         self.stats = collections.Counter()
         self._stop = threading.Event()
+        self.stop_cause = ""                 # why serve() returned (logged by the CLI)
 
     @staticmethod
-    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+    def _bind_port(sock: zmq.Socket, host: str, port: int) -> int:
         if port == 0:
             return sock.bind_to_random_port(f"tcp://{host}")
         sock.bind(f"tcp://{host}:{port}")
@@ -104,9 +107,9 @@ class TeacherServer:
     def _reply(self, ident: bytes, frames: list) -> None:
         self.front.send_multipart([ident, *frames], copy=False)
 
-    def _error(self, ident: bytes, rid: str, err: str) -> None:
+    def _error(self, ident: bytes, rid: str, err: str, code: P.ErrorCode) -> None:
         self.stats["errors"] += 1
-        self._reply(ident, P.encode_reply(rid or "?", error=err))
+        self._reply(ident, P.encode_reply(rid or "?", error=err, code=code))
 
     def _on_front(self, ident: bytes, frames: list) -> None:
         bufs = [f.buffer for f in frames]
@@ -115,16 +118,25 @@ class TeacherServer:
             if msg.op == "reply":
                 raise P.ProtocolError("clients send requests, not replies")
         except P.ProtocolError as e:
-            return self._error(ident, P.peek_id(bufs[0]) if bufs else "", f"bad request: {e}")
+            return self._error(ident, P.peek_id(bufs[0]) if bufs else "", f"bad request: {e}", e.code)
+        try:
+            self._on_request(ident, frames, msg)
+        except Exception as e:  # noqa: BLE001 - a bug here must not stop the server for everyone
+            log.exception("request %s failed inside the server", msg.id)
+            self._error(ident, msg.id, f"internal server error: {type(e).__name__}: {e}", P.ErrorCode.INTERNAL)
+
+    def _on_request(self, ident: bytes, frames: list, msg: P.Message) -> None:
         if msg.op == "ping":
             return self._reply(ident, P.encode_reply(msg.id, meta={"pong": True, "workers": len(self.workers)}))
         if self.info is None:
             if len(self.held) >= self.max_queue:
-                return self._error(ident, msg.id, f"server busy: {self.max_queue} requests wait for a worker")
+                return self._error(ident, msg.id, f"server busy: {self.max_queue} requests wait for a worker",
+                                   P.ErrorCode.BUSY)
             self.held.append((ident, frames))
             return
         if msg.op == "info":
-            return self._reply(ident, P.encode_reply(msg.id, meta=self.info))
+            return self._reply(ident, P.encode_reply(msg.id, meta={**self.info,
+                                                                  "protocol_version": P.PROTOCOL_VERSION}))
         if msg.id in self.done:
             self.stats["dedup_done"] += 1
             return self._reply(ident, self.done[msg.id])
@@ -133,42 +145,44 @@ class TeacherServer:
             self.tasks[msg.id].waiters.add(ident)
             return
         if len(self.queue) >= self.max_queue:
-            return self._error(ident, msg.id, f"server busy: {self.max_queue} requests already queued")
+            return self._error(ident, msg.id, f"server busy: {self.max_queue} requests already queued",
+                               P.ErrorCode.BUSY)
         try:
             if msg.op == "score":
                 a = P.validate_score(msg, self.info)
-                key = ("score", a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1])
-                task = _Task(msg.id, msg.op, frames, key, a["input_ids"].size)
+                task = _Task(msg.id, msg.op, frames, P.batch_key(a), a["input_ids"].size)
             else:
                 P.validate_generate(msg, self.info)
                 task = _Task(msg.id, msg.op, frames, None, 0)
         except P.ProtocolError as e:
-            return self._error(ident, msg.id, f"bad {msg.op} request: {e}")
+            return self._error(ident, msg.id, f"bad {msg.op} request: {e}", e.code)
         task.waiters.add(ident)
         self.tasks[msg.id] = task
         self.queue.append(task)
 
     # ------------------------------------------------------------------- back
-    def _send_worker(self, wid: bytes, header: dict, frames: list = ()) -> None:
-        self.back.send_multipart([wid, msgpack.packb(header), *frames], copy=False)
+    def _send_worker(self, wid: bytes, frames: list) -> None:
+        self.back.send_multipart([wid, *frames], copy=False)
 
     def _on_back(self, wid: bytes, frames: list) -> None:
         try:
-            header = msgpack.unpackb(frames[0].bytes, raw=False)
-            kind = header["type"]
-        except Exception:  # noqa: BLE001 - a broken worker message is dropped
-            log.warning("dropping malformed worker message")
+            m = P.decode_worker_message([f.buffer for f in frames])
+        except P.ProtocolError as e:
+            self.stats["bad_worker_messages"] += 1
+            log.warning("dropping malformed message from worker %s: %s", wid.hex()[:8], e)
+            if e.code == P.ErrorCode.VERSION_MISMATCH:
+                self._send_worker(wid, P.encode_reject(str(e)))
             return
         w = self.workers.get(wid)
-        if kind == "ready":
+        if m.kind == "ready":
             try:
-                info = check_info(header.get("info"))
+                info = check_info(m.info)
                 if self.info is not None and any(info[k] != self.info[k] for k in
                                                  ("vocab_size", "tokenizer_fingerprint")):
                     raise ValueError("its tokenizer differs from the registered workers'")
             except ValueError as e:
                 log.error("rejecting worker: %s", e)
-                return self._send_worker(wid, {"type": "reject", "error": str(e)})
+                return self._send_worker(wid, P.encode_reject(str(e)))
             if w is None:
                 self.workers[wid] = _Worker(info, time.monotonic())
                 log.info("worker %s registered (%d total)", wid.hex()[:8], len(self.workers))
@@ -179,15 +193,18 @@ class TeacherServer:
                     self._on_front(ident, fr)
             return
         if w is None:  # a worker from before a server restart: ask it to register again
-            return self._send_worker(wid, {"type": "who"})
+            return self._send_worker(wid, P.encode_who())
         w.last_seen = time.monotonic()
-        if kind == "reply":
-            self._on_result(w, frames[1:])
+        if m.kind == "reply":
+            self._on_result(w, m.frames)
 
     def _on_result(self, w: _Worker, frames: list) -> None:
         try:
-            msg = P.decode([f.buffer for f in frames], max_bytes=4 * P.MAX_MESSAGE_BYTES)
+            msg = P.decode(frames, max_bytes=4 * P.MAX_MESSAGE_BYTES)
+            if msg.op != "reply":
+                raise P.ProtocolError("workers send replies, not requests")
         except P.ProtocolError as e:
+            self.stats["bad_worker_messages"] += 1
             log.warning("dropping bad worker reply: %s", e)
             return
         for ids in w.tasks:
@@ -230,8 +247,7 @@ class TeacherServer:
             self.workers[wid].tasks.append({t.rid for t in batch})
             self.stats["tasks"] += 1
             self.stats["batched_requests"] += len(batch)
-            self._send_worker(wid, {"type": "task", "n_frames": [len(t.frames) for t in batch]},
-                              [f for t in batch for f in t.frames])
+            self._send_worker(wid, P.encode_task([t.frames for t in batch]))
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -246,7 +262,16 @@ class TeacherServer:
                         self.queue.appendleft(self.tasks[rid])
 
     # ------------------------------------------------------------------- loop
+    def _guarded(self, handler: Any, ident: bytes, frames: list, side: str) -> None:
+        """One message's failure is logged and counted; the loop goes on for everyone else."""
+        try:
+            handler(ident, frames)
+        except Exception:  # noqa: BLE001
+            self.stats["handler_errors"] += 1
+            log.exception("%s message dropped after an error in the server", side)
+
     def serve(self) -> None:
+        """Run the loop until stop(); an exception that escapes it is logged and re-raised."""
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
@@ -260,22 +285,37 @@ class TeacherServer:
                             wid, *frames = self.back.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_back(wid.bytes, frames)
+                        self._guarded(self._on_back, wid.bytes, frames, "worker")
                 if self.front in events:
                     for _ in range(256):
                         try:
                             ident, *frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_front(ident.bytes, frames)
+                        self._guarded(self._on_front, ident.bytes, frames, "client")
                 self._reap()
                 self._dispatch()
+        except BaseException as e:
+            self.stop_cause = self.stop_cause or f"{type(e).__name__}: {e}"
+            log.exception("teacher server loop failed")
+            raise
         finally:
             self.front.close(0)
             self.back.close(0)
 
-    def stop(self) -> None:
+    def bind(self, address: str, *, workers: bool = True) -> None:
+        """Also listen on `address` (ipc://, tcp://) for workers (or, workers=False, for clients)."""
+        (self.back if workers else self.front).bind(address)
+
+    def stop(self, cause: str = "stop() called") -> None:
+        """Ask serve() to return; `cause` is kept in `stop_cause` for the log."""
+        if not self._stop.is_set():
+            self.stop_cause = cause
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def start_thread(self) -> threading.Thread:
         t = threading.Thread(target=self.serve, name="teacher-server", daemon=True)
@@ -283,11 +323,6 @@ class TeacherServer:
         return t
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m gold_jax.teacher.server`: see gold_jax/teacher/cli.py."""
-    from gold_jax.teacher.cli import main as cli_main
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the old entry point; `python -m gold_jax.teacher` is the new one
+    import runpy
+    runpy.run_module("gold_jax.teacher", run_name="__main__", alter_sys=True)

@@ -6,7 +6,8 @@ to verify one before a run points `teacher.address` at it:
     python -m gold_jax.teacher.status --address tcp://127.0.0.1:15555 \
         [--wait 300] [--workers 2] [--tokenizer STUDENT_DIR] [--score]
 
-Exit status 0 when every check passed, 1 otherwise (the reason is printed).
+Exit status 0 when every check passed; otherwise one line `error: <reason>` and
+status 2 (the traceback with --verbosity=1 or GOLD_JAX_TRACEBACK=1).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import time
 
 import numpy as np
 
-from gold_jax.teacher.client import TeacherClient
+from gold_jax import cli_errors
+from gold_jax.teacher.client import TeacherClient, TeacherError
 from gold_jax.types import SequenceBatch
 
 
@@ -39,13 +41,20 @@ def wait_ready(client: TeacherClient, *, workers: int, wait_s: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m gold_jax.teacher.status", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", default="tcp://127.0.0.1:15555")
     ap.add_argument("--wait", type=float, default=0.0, help="seconds to keep pinging before giving up")
     ap.add_argument("--workers", type=int, default=1, help="workers that must be registered")
     ap.add_argument("--tokenizer", default="", help="student tokenizer dir: check the fingerprint")
     ap.add_argument("--score", action="store_true", help="score one short sequence (top-k 8)")
+    cli_errors.add_verbosity_flag(ap)
     args = ap.parse_args(argv)
+    return cli_errors.run(check, args, verbosity=args.verbosity)
+
+
+def check(args: argparse.Namespace) -> int:
+    """Run the checks that `args` ask for; UserError names the first that failed."""
     try:
         with TeacherClient(args.address, timeout_s=2.0, max_retries=0) as c:
             pong = wait_ready(c, workers=args.workers, wait_s=args.wait)
@@ -68,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     8, info["max_top_k"]), temperature=1.0).result(600)
                 print(f"score ok in {time.perf_counter() - t0:.2f}s: top-k ids {s.ids[0, 0].tolist()}, "
                       f"log-mass {float(s.topk_logmass[0, 0]):.4f}")
-    except (TimeoutError, ValueError, RuntimeError) as e:
-        print(f"teacher check failed: {e}", file=sys.stderr)
-        return 1
+    except (TimeoutError, ConnectionError, ValueError, TeacherError) as e:
+        raise cli_errors.UserError(f"teacher check failed: {e}") from e
     return 0
 
 

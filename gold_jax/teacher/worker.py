@@ -4,7 +4,10 @@ The socket thread keeps heartbeating while a compute thread runs the backend,
 so a long forward pass is not mistaken for a dead worker, and a worker that is
 killed stops heartbeating and gets its requests re-queued by the server.
 
-    python -m gold_jax.teacher.worker --model PATH --connect tcp://HOST:15556 [--backend jax]
+    python -m gold_jax.teacher.worker --model PATH --connect tcp://HOST:15556 [--backend jax] [--dtype auto]
+
+A malformed message from the server is logged and dropped; a worker that the
+server rejects, or whose loop fails, exits non-zero with the cause in its log.
 """
 from __future__ import annotations
 
@@ -16,23 +19,14 @@ import threading
 import time
 import uuid
 
-import msgpack
 import numpy as np
 import zmq
 
+from gold_jax import cli_errors
 from gold_jax.teacher import protocol as P
 from gold_jax.teacher.backends.base import TeacherBackend, check_info
 
 log = logging.getLogger("gold_jax.teacher.worker")
-
-
-def _split_task(frames: list) -> list[list]:
-    header = msgpack.unpackb(frames[0].bytes, raw=False)
-    out, i = [], 1
-    for n in header["n_frames"]:
-        out.append([f.buffer for f in frames[i:i + n]])
-        i += n
-    return out
 
 
 def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[list]:
@@ -51,15 +45,17 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
                 replies[i] = P.encode_reply(rid, arrays=P.rollout_to_arrays(r))
             else:
                 raise P.ProtocolError(f"op {msg.op!r} is not a worker op")
+        except P.ProtocolError as e:   # the sender's mistake: one line, no traceback
+            log.warning("bad request %s: %s", rid or "?", e)
+            replies[i] = P.encode_reply(rid or "?", error=f"bad request: {e}", code=e.code)
         except Exception as e:  # noqa: BLE001 - every failure becomes an error reply
             log.exception("request %s failed", rid)
-            replies[i] = P.encode_reply(rid or "?", error=f"{type(e).__name__}: {e}")
+            code = P.ErrorCode.BACKEND_FAILED
+            replies[i] = P.encode_reply(rid or "?", error=f"{type(e).__name__}: {e}", code=code)
     groups: dict[tuple, list] = {}
     for item in scores:
-        a = item[2]
-        groups.setdefault((a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1]),
-                          []).append(item)
-    for (top_k, temp, cs, _), items in groups.items():
+        groups.setdefault(P.batch_key(item[2]), []).append(item)
+    for (_, top_k, temp, cs, _), items in groups.items():
         try:
             ids = np.concatenate([a["input_ids"] for _, _, a in items])
             mask = np.concatenate([a["attention_mask"] for _, _, a in items])
@@ -77,9 +73,25 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
     return replies
 
 
+class WorkerRejected(cli_errors.UserError):
+    """The server refused this worker (another tokenizer, another protocol version)."""
+
+
+def _run_task_safely(backend: TeacherBackend, info: dict, requests: list[list]) -> list[list]:
+    try:
+        return run_task(backend, info, requests)
+    except Exception as e:  # noqa: BLE001 - every request still gets a reply, the thread lives on
+        log.exception("task of %d request(s) failed", len(requests))
+        return [P.encode_reply(P.peek_id(r[0]) if r else "?", error=f"{type(e).__name__}: {e}",
+                               code=P.ErrorCode.BACKEND_FAILED) for r in requests]
+
+
 def serve_worker(backend: TeacherBackend, connect: str, *, heartbeat_s: float = 0.5,
                  stop: threading.Event | None = None) -> None:
-    """Register with the server at `connect` and serve until `stop` is set or the server rejects us."""
+    """Register with the server at `connect` and serve until `stop` is set.
+
+    Raises WorkerRejected when the server refuses this worker.
+    """
     info = check_info(backend.info())
     stop = stop or threading.Event()
     ctx = zmq.Context.instance()
@@ -101,17 +113,15 @@ def serve_worker(backend: TeacherBackend, connect: str, *, heartbeat_s: float = 
                 req = tasks.get()
                 if req is None:
                     return
-                results.put(run_task(backend, info, req))
+                results.put(_run_task_safely(backend, info, req))
                 wake_tx.send(b"")
         finally:
             wake_tx.close(0)
 
     worker = threading.Thread(target=compute, name="teacher-compute", daemon=True)
     worker.start()
-    ready = msgpack.packb({"type": "ready", "info": info})
-    hb = msgpack.packb({"type": "hb"})
-    reply_hdr = msgpack.packb({"type": "reply"})
-    sock.send(ready)
+    ready, hb = P.encode_ready(info), P.encode_heartbeat()
+    sock.send_multipart(ready)
     last = time.monotonic()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -122,20 +132,25 @@ def serve_worker(backend: TeacherBackend, connect: str, *, heartbeat_s: float = 
             if wake_rx in events:
                 wake_rx.recv()
                 for reply in results.get_nowait():
-                    sock.send_multipart([reply_hdr, *reply], copy=False)
+                    sock.send_multipart(P.encode_worker_reply(reply), copy=False)
             if sock in events:
                 frames = sock.recv_multipart(copy=False)
-                kind = msgpack.unpackb(frames[0].bytes, raw=False).get("type")
-                if kind == "task":
-                    tasks.put(_split_task(frames))
-                elif kind == "who":
-                    sock.send(ready)
-                elif kind == "reject":
-                    log.error("server rejected this worker: %s",
-                              msgpack.unpackb(frames[0].bytes, raw=False).get("error"))
-                    return
+                try:
+                    m = P.decode_server_message([f.buffer for f in frames])
+                except P.ProtocolError as e:
+                    log.warning("dropping malformed message from the server: %s", e)
+                    m = None
+                if m is None:
+                    pass
+                elif m.kind == "task":
+                    tasks.put(m.requests)
+                elif m.kind == "who":
+                    sock.send_multipart(ready)
+                elif m.kind == "reject":
+                    log.error("server rejected this worker: %s", m.error)
+                    raise WorkerRejected(f"teacher server at {connect} rejected this worker: {m.error}")
             if time.monotonic() - last >= heartbeat_s:
-                sock.send(hb)
+                sock.send_multipart(hb)
                 last = time.monotonic()
     finally:
         tasks.put(None)
@@ -145,13 +160,18 @@ def serve_worker(backend: TeacherBackend, connect: str, *, heartbeat_s: float = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from gold_jax.teacher.backends import BACKENDS, TEACHER_DTYPES
+    ap = argparse.ArgumentParser(prog="python -m gold_jax.teacher.worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--backend", default="jax", choices=("jax", "vllm"))
+    ap.add_argument("--backend", default="jax", choices=BACKENDS)
+    ap.add_argument("--dtype", default="auto", choices=TEACHER_DTYPES,
+                    help="teacher compute dtype; auto = bfloat16 on accelerators, float32 on CPU")
     ap.add_argument("--connect", default="tcp://127.0.0.1:15556", help="the server's worker (back) address")
     ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
     ap.add_argument("--exit-with-parent", action="store_true",
                     help="exit when the parent process (a server that started us) dies, even by SIGKILL")
+    cli_errors.add_verbosity_flag(ap)
     args = ap.parse_args(argv)
     if args.exit_with_parent:
         parent = os.getppid()
@@ -162,10 +182,21 @@ def main(argv: list[str] | None = None) -> None:
             os._exit(0)
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli_errors.run(_serve, args, verbosity=args.verbosity)
+    log.info("worker stopped")
+
+
+def _serve(args: argparse.Namespace) -> None:
     from gold_jax.teacher.backends import make_backend
-    backend = make_backend(args.backend, args.model)
+    if not os.path.isdir(args.model):
+        raise cli_errors.UserError(f"--model {args.model!r} is not a directory")
+    backend = make_backend(args.backend, args.model, dtype=args.dtype)
     log.info("worker ready (%s), connecting to %s", backend.info()["model_name"], args.connect)
-    serve_worker(backend, args.connect, heartbeat_s=args.heartbeat)
+    try:
+        serve_worker(backend, args.connect, heartbeat_s=args.heartbeat)
+    except BaseException as e:
+        log.error("worker stopped: %s: %s", type(e).__name__, e)
+        raise
 
 
 if __name__ == "__main__":

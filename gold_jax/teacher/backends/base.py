@@ -43,10 +43,13 @@ class TeacherBackend(abc.ABC):
 def check_info(info: dict[str, Any]) -> dict[str, Any]:
     """Validate a backend's (or a remote worker's) info dict."""
     if not isinstance(info, dict) or any(k not in info for k in INFO_KEYS):
-        raise ValueError(f"teacher info must have keys {INFO_KEYS}, got {info!r}")
+        raise ValueError(f"teacher info must have keys {INFO_KEYS}, got {str(info)[:200]}")
     for k in ("vocab_size", "embedding_size", "max_length", "max_top_k"):
-        if not isinstance(info[k], int) or info[k] <= 0:
+        if not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] <= 0:
             raise ValueError(f"teacher info {k!r} must be a positive int, got {info[k]!r}")
+    for k in ("model_name", "tokenizer_fingerprint"):
+        if not isinstance(info[k], str) or not 0 < len(info[k]) <= 1024:
+            raise ValueError(f"teacher info {k!r} must be a non-empty string, got {str(info[k])[:64]!r}")
     if info["embedding_size"] < info["vocab_size"]:
         raise ValueError(f"teacher embedding_size {info['embedding_size']} < tokenizer vocab_size "
                          f"{info['vocab_size']}")

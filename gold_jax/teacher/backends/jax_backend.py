@@ -86,7 +86,9 @@ class JaxBackend(TeacherBackend):
         from gold_jax.data import load_tokenizer
         from gold_jax.models.hf_io import load_pretrained
         name = kw.pop("model_name", os.path.basename(os.path.normpath(path)))
-        return cls(load_pretrained(path, dtype=dtype), load_tokenizer(path), model_name=name, **kw)
+        # Weights too, not only the compute, in `dtype`: the teacher is never trained, and a 7B
+        # teacher's weights take 14 GB in bfloat16 instead of 28 GB. Scores stay float32 (score_from_hidden).
+        return cls(load_pretrained(path, dtype=dtype, param_dtype=dtype), load_tokenizer(path), model_name=name, **kw)
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
