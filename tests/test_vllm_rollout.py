@@ -143,3 +143,20 @@ def test_bad_requests_are_clear_errors(engine):
         engine.generate(ids, mask, max_new_tokens=60, temperature=0.0, seed=0)
     with pytest.raises(ValueError, match="prompt_ids must lie"):
         engine.generate(ids + V, mask, max_new_tokens=2, temperature=0.0, seed=0)
+
+
+def test_stops_on_any_id_of_an_eos_set(engine, models, eos):
+    """Issue 12.2: several EOS ids (Llama 3.2 Instruct ships three) all reach SamplingParams.stop_token_ids."""
+    ids, mask = prompts()
+    free = jax_greedy(models[0], V + 1).completion_ids   # no stop at all
+    other = int(free[1, 1]) if int(free[1, 1]) != eos else int(free[1, 2])
+    eos_set = (eos, other)
+    want = jax_greedy(models[0], eos_set)
+    saved = engine.eos_ids
+    try:
+        engine.eos_ids = eos_set
+        got = engine.generate(ids, mask, max_new_tokens=R, temperature=0.0, seed=0)
+    finally:
+        engine.eos_ids = saved
+    assert want.completion_mask[1].sum() <= 3 and want.finish_reason[1] == FINISH_EOS
+    assert_same_rollout(got, want)
