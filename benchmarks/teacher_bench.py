@@ -124,7 +124,7 @@ def _free_port() -> int:
 def start_service(length: int) -> tuple[str, list[subprocess.Popen]]:
     """Server process (no batching across requests) + one worker process; returns the client address."""
     port, wport = _free_port(), _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gold_jax.teacher.server", "--model", "-", "--workers", "0",
+    server = subprocess.Popen([sys.executable, "-m", "gold_jax.teacher", "--model", "-", "--workers", "0",
                                "--port", str(port), "--worker-port", str(wport), "--heartbeat-timeout", "600",
                                "--max-batch-requests", "1"], stderr=subprocess.DEVNULL)
     worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-worker",
