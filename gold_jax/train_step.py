@@ -7,17 +7,20 @@ micro-batches gives the same gradient as one big batch.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from gold_jax.losses import registry
+from gold_jax.losses.registry import LossSpec
+from gold_jax.names import LR_SCHEDULES
+from gold_jax.sharding.rules import BATCH_AXES
 
 
 class TrainState(NamedTuple):
@@ -25,17 +28,6 @@ class TrainState(NamedTuple):
     opt_state: Any       # optax state (float32)
     step: jax.Array      # number of applied updates (skipped steps do not count)
     skipped: jax.Array   # number of skipped (non-finite) steps
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    impl: str = "topk"           # topk | fused | vocab_parallel | dense
-    beta: float = 0.5
-    temperature: float = 0.9
-    mode: str = "tail"           # top-k: tail bucket or renormalize
-    chunk_size: int = 256
-    dtype: str = "float32"       # compute dtype of the student forward
-    vocab_size: int | None = None  # tokenizer size: logit columns at or past it are embedding padding
 
 
 def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
@@ -50,13 +42,27 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
     elif opt_cfg.schedule == "constant":
         after = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: must be cosine, linear or constant")
+        raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: must be one of {LR_SCHEDULES}")
     if warm == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
 
 
+def warmup_warning(opt_cfg: Any, total_steps: int) -> str | None:
+    """A message when the warmup does not end before the run does (the lr never reaches optimizer.lr)."""
+    warm = int(opt_cfg.warmup_steps)
+    if warm == 0 or warm < int(total_steps):
+        return None
+    return (f"config.optimizer.warmup_steps={warm} >= the run's {int(total_steps)} steps: the learning rate "
+            f"never reaches config.optimizer.lr={opt_cfg.lr} (the last step uses "
+            f"{float(opt_cfg.lr) * (int(total_steps) - 1) / warm:.3g})")
+
+
 def make_optimizer(opt_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with the schedule over `total_steps` (the run's length, known once the data is read)."""
+    msg = warmup_warning(opt_cfg, total_steps)
+    if msg:
+        logging.warning(msg)
     sched = make_schedule(opt_cfg, total_steps)
     parts = [optax.clip_by_global_norm(float(opt_cfg.max_grad_norm))] if opt_cfg.max_grad_norm > 0 else []
     parts.append(optax.adamw(sched, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
@@ -92,34 +98,15 @@ def _cast(tree: Any, dtype: str) -> Any:
 
 
 def loss_sum(model: nnx.Module, batch: dict[str, jax.Array], spec: LossSpec, mesh: Mesh | None) -> jax.Array:
-    """Sum of per-token JSD over completion tokens (mask = 1) of one micro-batch."""
-    from gold_jax import losses
+    """Sum of the per-token loss over completion tokens (mask = 1) of one micro-batch.
+
+    The loss itself comes from the table in gold_jax.losses.registry (spec.impl).
+    """
     r = batch["completion_mask"].shape[1]
     p = batch["input_ids"].shape[1] - r
     # The distribution that predicts completion token j sits at position P-1+j (gold_jax.types).
     h = model.hidden(batch["input_ids"], batch["attention_mask"])[:, p - 1:p + r - 1]
-    mask = batch["completion_mask"].astype(jnp.float32)
-    kw = dict(beta=spec.beta, temperature=spec.temperature, reduction="sum", vocab_size=spec.vocab_size)
-    t_lp = batch["teacher_logprobs"]
-    width = model.config.vocab_size
-    if "teacher_ids" not in batch and t_lp.shape[-1] < width:
-        # Full teacher rows cover the tokenizer's ids; the student's padded embedding rows get -inf.
-        t_lp = jnp.pad(t_lp, [(0, 0)] * (t_lp.ndim - 1) + [(0, width - t_lp.shape[-1])], constant_values=-jnp.inf)
-    if spec.impl == "fused":
-        dense = "teacher_ids" not in batch
-        return losses.fused_jsd(
-            h, model.lm_head_weight().astype(h.dtype), None if dense else t_lp, batch.get("teacher_ids"), mask,
-            mode="dense" if dense else spec.mode, teacher_logits=t_lp * spec.temperature if dense else None, chunk_size=spec.chunk_size,
-            teacher_logmass=batch.get("teacher_logmass"), **kw)
-    logits = model.logits_from_hidden(h)
-    if spec.impl == "dense":
-        # Full teacher rows arrive as log-probs at temperature T: pass them as logits at T=1 scale.
-        return losses.generalized_jsd(logits, t_lp * spec.temperature, mask, **kw)
-    if spec.impl == "vocab_parallel":
-        return losses.vocab_parallel_topk_jsd(logits, t_lp, batch["teacher_ids"], mask, mode=spec.mode,
-                                              teacher_logmass=batch.get("teacher_logmass"), mesh=mesh, **kw)
-    return losses.topk_jsd(logits, t_lp, batch["teacher_ids"], mask, mode=spec.mode,
-                           teacher_logmass=batch.get("teacher_logmass"), **kw)
+    return registry.get(spec.impl).load()(model, h, batch, spec, mesh)
 
 
 def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:

@@ -1,4 +1,6 @@
 """train_step: alignment vs a float64 NumPy reference, accumulation exactness, skip, sharding."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -149,3 +151,80 @@ def test_sharded_step_matches_unsharded(batch, devices, shape):
     # Adam's first update is lr * g / (|g| + eps): where |g| is ~eps, reduction-order rounding
     # moves it by a fraction of lr (1e-2), so parameters are compared to 1% of lr.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p0)
+
+
+def test_warmup_at_or_past_the_run_length_warns(caplog):
+    from gold_jax.train_step import warmup_warning
+    assert warmup_warning(_opt(warmup_steps=0), 5) is None and warmup_warning(_opt(warmup_steps=4), 5) is None
+    msg = warmup_warning(_opt(warmup_steps=10, lr=1.0), 5)
+    assert "config.optimizer.warmup_steps=10" in msg and "5 steps" in msg and "0.4" in msg
+    with caplog.at_level("WARNING"):
+        make_optimizer(_opt(warmup_steps=5), 5)
+    assert "warmup_steps=5" in caplog.text
+
+
+def _toy_l1_loss_sum(model, hidden, batch, spec, mesh):
+    """A toy table row: sum over kept tokens of |student log-prob - teacher log-prob| at the top-1 id."""
+    logq = jax.nn.log_softmax(model.logits_from_hidden(hidden).astype(jnp.float32) / spec.temperature)
+    top1 = jnp.take_along_axis(logq, batch["teacher_ids"][..., :1], -1)[..., 0]
+    return jnp.sum(jnp.abs(top1 - batch["teacher_logprobs"][..., 0]) * batch["completion_mask"])
+
+
+def test_a_new_table_row_is_validated_and_dispatched(model, batch, monkeypatch, tmp_path):
+    """Adding a loss is one function plus one row: config accepts it and loss_sum calls it."""
+    from gold_jax import config as config_lib
+    from gold_jax.losses import registry
+    from gold_jax.train_step import loss_sum
+    monkeypatch.setitem(registry.LOSSES, "toy_l1", registry.LossImpl(_toy_l1_loss_sum, ("topk",)))
+    cfg = config_lib.base_config()
+    cfg.run_dir, cfg.demo.cache_dir, cfg.loss.impl = str(tmp_path / "r"), str(tmp_path / "d"), "toy_l1"
+    config_lib.validate(cfg)
+    cfg.gold.top_k = 0
+    with pytest.raises(ValueError, match=r"config\.loss\.impl='toy_l1', config\.gold\.top_k=0"):
+        config_lib.validate(cfg)
+    d = {k: jnp.asarray(v) for k, v in batch["topk"].items()}
+    got = float(loss_sum(model, d, LossSpec(impl="toy_l1", temperature=0.9), None))
+    logits = np.asarray(model(d["input_ids"], d["attention_mask"]), np.float64)[:, P_LEN - 1:P_LEN + R - 1]
+    logq = _log_softmax(logits / 0.9)
+    top1 = np.take_along_axis(logq, batch["topk"]["teacher_ids"][..., :1], -1)[..., 0]
+    ref = (np.abs(top1 - batch["topk"]["teacher_logprobs"][..., 0]) * batch["topk"]["completion_mask"]).sum()
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_every_accepted_combination_computes_on_tiny_shapes(batch, devices):
+    """loss.impl x gold.top_k x gold.topk_mode x mesh.tensor: each combination the table accepts (the
+    one config.validate applies) runs on a sharded tiny model, reads only the batch fields the trainer
+    sends for its signal, and matches the plain loss of that signal (topk / dense) unsharded."""
+    from gold_jax.losses import registry
+    from gold_jax.train_step import eval_loss
+    models = {}
+    for t in (1, 2):
+        mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": t}, devices=devices)
+        models[t] = (mesh, nnx.split(shard_model(init_model(CFG, seed=0), mesh)))
+    arrays = {"topk": {k: jnp.asarray(v) for k, v in batch["topk"].items()},
+              "full": {k: jnp.asarray(v) for k, v in batch["dense"].items()}}
+    base = {"topk": "topk", "full": "dense"}
+    ref, n = {}, 0
+    for impl, top_k, mode, t in itertools.product(registry.LOSS_IMPLS, (0, K), ("tail", "renormalize"), (1, 2)):
+        signal = registry.teacher_signal(top_k)
+        if registry.check(impl, signal, mode) is not None:
+            continue
+        resolved = registry.resolve_impl(impl, signal, t)
+        row = registry.get(resolved)
+        assert set(row.fields(signal)) <= set(arrays[signal]), (resolved, signal)
+        mesh, (graphdef, params) = models[t]
+        spec = LossSpec(impl=resolved, beta=0.5, temperature=0.9, mode=mode, chunk_size=4)
+        key = (resolved, signal, mode if signal == "topk" else "", t)
+        if key in ref:
+            continue
+        s, _ = jax.jit(lambda p, b, spec=spec: eval_loss(p, b, graphdef=graphdef, spec=spec, mesh=mesh))(
+            params, arrays[signal])
+        ref[key] = float(s)
+        n += 1
+    for (resolved, signal, mode, t), v in ref.items():
+        want = ref.get((base[signal], signal, mode, 1))
+        if want is None:   # the plain loss of this signal (never rejected) is in the sweep
+            raise AssertionError(f"no plain {base[signal]} result for {signal}/{mode}")
+        np.testing.assert_allclose(v, want, rtol=2e-5, err_msg=f"{resolved} {signal} {mode} tensor={t}")
+        assert np.isfinite(v) and v > 0
+    assert n == len(ref) >= 10

@@ -1,10 +1,26 @@
-"""Data: tokenizer utility, dataset formats, tokenisation and the grain pipeline."""
-from gold_jax.data.config import default_data_config
-from gold_jax.data.pipeline import build_dataset, iterator_state_from_json, iterator_state_to_json, make_iterator
-from gold_jax.data.sources import load_rows
-from gold_jax.data.tokenize import DatasetStats, tokenize_files
-from gold_jax.data.tokenizer import load_tokenizer, train_tokenizer
+"""Data: tokenizer utility, dataset formats, tokenisation and the grain pipeline.
 
-__all__ = ["DatasetStats", "build_dataset", "default_data_config", "iterator_state_from_json",
-           "iterator_state_to_json", "load_rows", "load_tokenizer", "make_iterator", "tokenize_files",
-           "train_tokenizer"]
+Names load on first use (PEP 562): `gold_jax.data.config` must stay importable
+without grain, transformers or torch, for config validation in about a second.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "default_data_config": "gold_jax.data.config",
+    "build_dataset": "gold_jax.data.pipeline", "iterator_state_from_json": "gold_jax.data.pipeline",
+    "iterator_state_to_json": "gold_jax.data.pipeline", "make_iterator": "gold_jax.data.pipeline",
+    "load_rows": "gold_jax.data.sources",
+    "DatasetStats": "gold_jax.data.tokenize", "tokenize_files": "gold_jax.data.tokenize",
+    "load_tokenizer": "gold_jax.data.tokenizer", "train_tokenizer": "gold_jax.data.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gold_jax.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -11,8 +11,7 @@ import numbers
 import jax
 import numpy as np
 
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
-TOPK_MODES = ("tail", "renormalize")
+from gold_jax.names import REDUCTIONS, TOPK_MODES
 
 
 def _is_traced(x) -> bool:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from gold_jax.losses import validation as val
 from gold_jax.losses.core import NEG_FLOOR, compute_dtype, jsd_terms, reduce_tokens, scaled_logits, topk_token_terms
 from gold_jax.losses.topk import topk_mask
+from gold_jax.sharding.rules import BATCH_AXES
 
 
 def _parallel_normalizer(x: jax.Array, keep: jax.Array, axis: str) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -70,7 +71,7 @@ def _pad(x: jax.Array, pad: int) -> jax.Array:
 def vocab_parallel_jsd(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,
                        mesh: Mesh, beta: float = 0.5, temperature: float = 1.0,
                        reduction: str = "batchmean", vocab_size: int | None = None,
-                       batch_axes: Sequence[str] = ("data", "fsdp"), axis: str = "tensor") -> jax.Array:
+                       batch_axes: Sequence[str] = BATCH_AXES, axis: str = "tensor") -> jax.Array:
     """`generalized_jsd` with the vocab axis sharded over `axis`; same arguments plus `mesh`."""
     beta, temperature = val.check_beta(beta), val.check_temperature(temperature)
     val.check_reduction(reduction)
@@ -98,7 +99,7 @@ def vocab_parallel_topk_jsd(student_logits: jax.Array, teacher_logprobs: jax.Arr
                             mask: jax.Array, *, mesh: Mesh, beta: float = 0.5, temperature: float = 1.0,
                             reduction: str = "batchmean", mode: str = "tail",
                             teacher_logmass: jax.Array | None = None, vocab_size: int | None = None,
-                            batch_axes: Sequence[str] = ("data", "fsdp"), axis: str = "tensor") -> jax.Array:
+                            batch_axes: Sequence[str] = BATCH_AXES, axis: str = "tensor") -> jax.Array:
     """`topk_jsd` with the vocab axis sharded over `axis`; same arguments plus `mesh`."""
     beta, temperature = val.check_beta(beta), val.check_temperature(temperature)
     val.check_reduction(reduction)

@@ -7,7 +7,7 @@ from typing import Any
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_TYPES = (None, "default", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
+from gold_jax.names import MODEL_DTYPES as DTYPES  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

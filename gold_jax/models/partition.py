@@ -5,7 +5,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from gold_jax.sharding.rules import LOGICAL_AXIS_RULES, logical_to_sharding, logical_to_spec
+from gold_jax.sharding.rules import LOGICAL_AXIS_RULES, logical_to_sharding
 
 
 def _is_var(x) -> bool:
@@ -26,12 +26,6 @@ def _map_state(model_or_state, fn):
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
     return jax.tree_util.tree_map_with_path(
         lambda path, v: v.replace(fn(path, v)) if _is_var(v) else v, state, is_leaf=_is_var)
-
-
-def param_specs(model, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.State:
-    """nnx.State of PartitionSpec; dims the mesh does not divide stay replicated."""
-    return _map_state(model, lambda p, v: logical_to_spec(
-        _names(v, p), rules, shape=v.get_value().shape, mesh=mesh))
 
 
 def state_shardings(model, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.State:

@@ -6,7 +6,7 @@ from typing import Any
 
 from gold_jax.rollout.base import RolloutEngine
 
-ENGINES = ("jax", "vllm")
+from gold_jax.names import ROLLOUT_ENGINES as ENGINES
 
 
 def make_engine(kind: str, model: Any, *, eos_id: int | Sequence[int], pad_id: int, mesh=None,

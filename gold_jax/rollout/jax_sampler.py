@@ -20,10 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gold_jax.models.kv_cache import KV_CACHE_AXES
 from gold_jax.rollout.base import finish_result, normalize_eos, validate_request
 from gold_jax.rollout.sampling import is_eos, sample_with_uniform
-from gold_jax.sharding.rules import logical_to_sharding
+from gold_jax.sharding.rules import BATCH_AXES, logical_to_sharding
 from gold_jax.types import RolloutResult
-
-BATCH_AXES = ("data", "fsdp")
 
 
 def _decode(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, seed: jax.Array,

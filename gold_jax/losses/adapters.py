@@ -1,0 +1,83 @@
+"""The table's loss functions: one micro-batch (student hidden states + teacher arrays) -> loss sum.
+
+Each has the signature `(model, hidden, batch, spec, mesh) -> scalar`: `hidden`
+[B, R, H] are the student's final hidden states at the positions that predict
+the R completion tokens, `batch` holds `completion_mask` and the teacher
+signal's arrays (gold_jax.losses.registry.SIGNALS), `spec` is the run's
+LossSpec. They return the *sum* over completion tokens; train_step divides by
+the token count of the whole step so gradient accumulation stays exact.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from gold_jax.losses.dense import generalized_jsd
+from gold_jax.losses.fused import fused_jsd
+from gold_jax.losses.registry import LossSpec
+from gold_jax.losses.topk import topk_jsd
+from gold_jax.losses.vocab_parallel import vocab_parallel_jsd, vocab_parallel_topk_jsd
+from gold_jax.sharding.rules import BATCH_AXES, mesh_axes
+
+
+def _kw(spec: LossSpec) -> dict[str, Any]:
+    return dict(beta=spec.beta, temperature=spec.temperature, reduction="sum", vocab_size=spec.vocab_size)
+
+
+def _mask(batch: dict[str, jax.Array]) -> jax.Array:
+    return batch["completion_mask"].astype(jnp.float32)
+
+
+def full_rows(batch: dict[str, jax.Array], width: int) -> jax.Array:
+    """Full teacher log-prob rows widened to the student's logit width.
+
+    They cover the tokenizer's ids; the student's padded embedding rows get -inf.
+    """
+    t_lp = batch["teacher_logprobs"]
+    if t_lp.shape[-1] < width:
+        t_lp = jnp.pad(t_lp, [(0, 0)] * (t_lp.ndim - 1) + [(0, width - t_lp.shape[-1])], constant_values=-jnp.inf)
+    return t_lp
+
+
+def is_full(batch: dict[str, jax.Array]) -> bool:
+    return "teacher_ids" not in batch
+
+
+def topk_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], spec: LossSpec,
+                  mesh: Mesh | None) -> jax.Array:
+    return topk_jsd(model.logits_from_hidden(hidden), batch["teacher_logprobs"], batch["teacher_ids"], _mask(batch),
+                    mode=spec.mode, teacher_logmass=batch.get("teacher_logmass"), **_kw(spec))
+
+
+def dense_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], spec: LossSpec,
+                   mesh: Mesh | None) -> jax.Array:
+    # Full teacher rows arrive as log-probs at temperature T: pass them as logits at T=1 scale.
+    t_lp = full_rows(batch, model.config.vocab_size)
+    return generalized_jsd(model.logits_from_hidden(hidden), t_lp * spec.temperature, _mask(batch), **_kw(spec))
+
+
+def vocab_parallel_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], spec: LossSpec,
+                            mesh: Mesh | None) -> jax.Array:
+    if mesh is None:
+        raise ValueError("loss impl 'vocab_parallel' needs the device mesh (its tensor axis splits the vocab)")
+    logits = model.logits_from_hidden(hidden)
+    par = dict(mesh=mesh, batch_axes=BATCH_AXES, axis=mesh_axes("act_vocab")[0], **_kw(spec))
+    if is_full(batch):
+        t_lp = full_rows(batch, model.config.vocab_size)
+        return vocab_parallel_jsd(logits, t_lp * spec.temperature, _mask(batch), **par)
+    return vocab_parallel_topk_jsd(logits, batch["teacher_logprobs"], batch["teacher_ids"], _mask(batch),
+                                   mode=spec.mode, teacher_logmass=batch.get("teacher_logmass"), **par)
+
+
+def fused_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], spec: LossSpec,
+                   mesh: Mesh | None) -> jax.Array:
+    w = model.lm_head_weight().astype(hidden.dtype)
+    if is_full(batch):
+        t_lp = full_rows(batch, model.config.vocab_size)
+        return fused_jsd(hidden, w, None, None, _mask(batch), mode="dense", teacher_logits=t_lp * spec.temperature,
+                         chunk_size=spec.chunk_size, **_kw(spec))
+    return fused_jsd(hidden, w, batch["teacher_logprobs"], batch["teacher_ids"], _mask(batch), mode=spec.mode,
+                     chunk_size=spec.chunk_size, teacher_logmass=batch.get("teacher_logmass"), **_kw(spec))

@@ -1,0 +1,124 @@
+"""The loss table: every training loss, what teacher signal it reads and what it needs.
+
+One row per loss. A row names the function that turns one micro-batch into a
+loss *sum* over completion tokens, the teacher signals it can consume (each
+signal lists the batch fields the trainer must provide), and whether it needs
+the device mesh. `gold_jax.config` validates `loss.impl` against this table and
+`gold_jax.train_step.loss_sum` dispatches through it, so adding a loss is one
+file (its numerics and a `loss_sum(model, hidden, batch, spec, mesh)` function)
+plus one row in `LOSSES`.
+
+This module imports nothing heavy (functions are named as "module:function" and
+imported on first use): config validation must run in a second, before jax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from gold_jax.names import TOPK_MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class Signal:
+    """What the teacher sends per completion token, as arrays of the training batch."""
+    fields: tuple[str, ...]       # batch keys the trainer must fill (teacher_* arrays)
+    doc: str
+
+
+SIGNALS: dict[str, Signal] = {
+    "topk": Signal(("teacher_logprobs", "teacher_ids", "teacher_logmass"),
+                   "k log-probs at temperature T, their ids, the exact log-mass of the set"),
+    "full": Signal(("teacher_logprobs",), "full rows of log-probs at temperature T (gold.top_k=0)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossImpl:
+    """One training loss. `fn`: "module:function" (imported on first use) or the function itself."""
+    fn: str | Callable[..., Any]
+    signals: tuple[str, ...]          # teacher signals it consumes (keys of SIGNALS)
+    needs_mesh: bool = False          # shard_map over the mesh's tensor axis: train_step passes the mesh
+    extra_fields: tuple[str, ...] = ()  # batch keys beyond the signal's (e.g. sampled-token log-probs)
+    doc: str = ""
+
+    def fields(self, signal: str) -> tuple[str, ...]:
+        """Batch keys this loss reads under `signal` (besides the token ids and masks)."""
+        return SIGNALS[signal].fields + self.extra_fields
+
+    def load(self) -> Callable[..., Any]:
+        if callable(self.fn):
+            return self.fn
+        module, name = self.fn.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# LossFn(model, hidden [B, R, H] at the positions predicting the completion tokens,
+#        batch (completion_mask [B, R] and the signal's fields), spec: LossSpec, mesh | None) -> scalar sum.
+_ADAPTERS = "gold_jax.losses.adapters"
+LOSSES: dict[str, LossImpl] = {
+    "topk": LossImpl(f"{_ADAPTERS}:topk_loss_sum", ("topk",),
+                     doc="top-k JSD (tail bucket or renormalised) on materialised logits"),
+    "fused": LossImpl(f"{_ADAPTERS}:fused_loss_sum", ("topk", "full"),
+                      doc="chunked lm-head + JSD: logits never exist for all tokens at once"),
+    "vocab_parallel": LossImpl(f"{_ADAPTERS}:vocab_parallel_loss_sum", ("topk", "full"), needs_mesh=True,
+                               doc="logits' vocab axis sharded over the tensor axis (shard_map, psum/pmax)"),
+    "dense": LossImpl(f"{_ADAPTERS}:dense_loss_sum", ("full",), doc="JSD on full teacher rows"),
+}
+
+
+def loss_impls() -> tuple[str, ...]:
+    """The values `loss.impl` accepts: "auto" and every row of the table."""
+    return ("auto",) + tuple(LOSSES)
+
+
+LOSS_IMPLS = loss_impls()
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Static loss settings of a run (hashable: part of the jit'd step's closure)."""
+    impl: str = "topk"           # a key of LOSSES (never "auto": see resolve_impl)
+    beta: float = 0.5
+    temperature: float = 0.9
+    mode: str = "tail"           # top-k: tail bucket or renormalize
+    chunk_size: int = 256
+    dtype: str = "float32"       # compute dtype of the student forward
+    vocab_size: int | None = None  # tokenizer size: logit columns at or past it are embedding padding
+
+
+def teacher_signal(top_k: int) -> str:
+    """The signal a config asks the teacher for: full rows when gold.top_k == 0."""
+    return "full" if int(top_k) == 0 else "topk"
+
+
+def resolve_impl(impl: str, signal: str, tensor: int) -> str:
+    """loss.impl with "auto" replaced: dense for full rows, vocab_parallel when the vocab is split, else topk."""
+    if impl != "auto":
+        return impl
+    if signal == "full":
+        return "dense"
+    return "vocab_parallel" if tensor > 1 else "topk"
+
+
+def check(impl: str, signal: str, mode: str) -> str | None:
+    """Why `impl` cannot train on `signal` (None if it can); the caller names the config keys."""
+    if impl not in loss_impls():
+        return f"unknown loss; known: {loss_impls()}"
+    if signal not in SIGNALS:
+        return f"unknown teacher signal {signal!r}; known: {tuple(SIGNALS)}"
+    if mode not in TOPK_MODES:
+        return f"unknown top-k mode {mode!r}; known: {TOPK_MODES}"
+    if impl != "auto" and signal not in LOSSES[impl].signals:
+        wants = " or ".join(repr(s) for s in LOSSES[impl].signals)
+        return f"this loss needs the teacher signal {wants}, and the config gives {signal!r}"
+    return None
+
+
+def get(impl: str) -> LossImpl:
+    try:
+        return LOSSES[impl]
+    except KeyError:
+        raise ValueError(f"loss impl {impl!r} is not in the loss table; known: {tuple(LOSSES)}") from None
