@@ -12,7 +12,6 @@ leaves the previous checkpoint as the latest good one. The teacher is never chec
 """
 from __future__ import annotations
 
-import base64
 import os
 from typing import Any
 
@@ -20,30 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-def _encode(obj: Any) -> Any:
-    """JSON-safe copy: bytes become {"__b64__": ...} (grain iterator states hold bytes)."""
-    if isinstance(obj, bytes):
-        return {"__b64__": base64.b64encode(obj).decode("ascii")}
-    if isinstance(obj, dict):
-        return {str(k): _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
-
-
-def _decode(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__b64__"}:
-            return base64.b64decode(obj["__b64__"])
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
+from gold_jax import jsonsafe
 
 
 def _pack_pending(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -77,7 +53,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, host: dict[str, Any], pending: list[dict[str, np.ndarray]]) -> None:
         self._mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            host=ocp.args.JsonSave(_encode(host)),
+            host=ocp.args.JsonSave(jsonsafe.encode(host)),
             pending=ocp.args.StandardSave(_pack_pending(pending))))
         self._mgr.wait_until_finished()
 
@@ -90,7 +66,7 @@ class Checkpointer:
         out = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore(),
             pending=ocp.args.StandardRestore()))
-        return out["state"], _decode(out["host"]), _unpack_pending(out["pending"])
+        return out["state"], jsonsafe.decode(out["host"]), _unpack_pending(out["pending"])
 
     def restore_params(self, step: int | None = None) -> Any:
         """Only the saved state tree (numpy-free restore on the default device): export."""

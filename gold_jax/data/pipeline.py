@@ -6,7 +6,6 @@ shuffle/repeat/batch, so the iterator state is just a position and resumes exact
 from __future__ import annotations
 
 import bisect
-import json
 from typing import Any
 
 import grain
@@ -14,6 +13,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from gold_jax import jsonsafe
 from gold_jax.data.config import make_buckets, validate
 from gold_jax.data.special_tokens import eos_token_ids
 from gold_jax.data.tokenize import DatasetStats, Example, tokenize_files
@@ -120,22 +120,10 @@ def iterate(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> grain.
 
 
 def iterator_state_to_json(state: Any) -> str:
-    """grain iterator state -> JSON text (bytes are tagged and base64-encoded)."""
-    import base64
-
-    def enc(o: Any) -> Any:
-        if isinstance(o, bytes):
-            return {"__bytes__": base64.b64encode(o).decode("ascii")}
-        if isinstance(o, np.integer):
-            return int(o)
-        raise TypeError(f"iterator state holds a non-JSON value of type {type(o).__name__}")
-    return json.dumps(state, default=enc, sort_keys=True)
+    """grain iterator state -> JSON text (bytes are tagged and base64-encoded: gold_jax.jsonsafe)."""
+    return jsonsafe.dumps(state)
 
 
 def iterator_state_from_json(text: str) -> Any:
     """Inverse of iterator_state_to_json."""
-    import base64
-
-    def dec(d: dict) -> Any:
-        return base64.b64decode(d["__bytes__"]) if set(d) == {"__bytes__"} else d
-    return json.loads(text, object_hook=dec)
+    return jsonsafe.loads(text)
