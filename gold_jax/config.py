@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.gold.topk_mode = "tail"      # "tail" (k+1 bucket, exact) or "renormalize" (verl)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.impl = "auto"           # auto | topk | fused | vocab_parallel | dense
+    c.loss.impl = "auto"           # auto or a row of losses.registry.LOSSES: topk | fused | vocab_parallel | dense
     c.loss.chunk_size = 256        # fused lm-head chunk along tokens
 
     c.teacher = ml_collections.ConfigDict()
