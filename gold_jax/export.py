@@ -109,6 +109,8 @@ def load_student(run_dir: str, step: int | None = None, *,
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        if step is not None and step not in ckpt.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir} (steps: {ckpt.all_steps()})")
         state, _, _ = ckpt.restore(step, like)
     finally:
         ckpt.close()

@@ -75,7 +75,10 @@ def dirs(tmp_path_factory):
     os.makedirs(no_val)
     with open(os.path.join(no_val, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f)
-    return dict(root=root, student=student, teacher=teacher, train=train, val=val, no_val=no_val)
+    done = run_builder.make_run(run_builder.tiny_config(os.path.join(root, "run_done"), **{
+        "model.student_path": student, "model.teacher_path": teacher, "data.train_files": train,
+        "data.val_files": val}), step=2)
+    return dict(root=root, student=student, teacher=teacher, train=train, val=val, no_val=no_val, done=done)
 
 
 def _train(d, *extra, **paths):
@@ -103,6 +106,8 @@ def _cases(d):
                               "--dtype=int8"], {}),
         "export_no_checkpoint": (["-m", "gold_jax.export", "--run", d["no_val"],
                                   "--out", os.path.join(d["root"], "hf")], {}),
+        "export_missing_step": (["-m", "gold_jax.export", "--run", d["done"], "--step=7",
+                                 "--out", os.path.join(d["root"], "hf")], {}),
         "eval_missing_run": (["-m", "gold_jax.eval", "--run", os.path.join(d["root"], "no_run")], {}),
         "eval_no_val_files": (["-m", "gold_jax.eval", "--run", d["no_val"]], {}),
         "bug": (["-c", "from gold_jax import cli_errors; cli_errors.run(lambda: None + 1)"], {}),
@@ -143,6 +148,7 @@ def _one_error_line(p, *needles):
     ("export_missing_run", ["no_run", "does not exist"]),
     ("export_bad_dtype", ["--dtype", "int8"]),
     ("export_no_checkpoint", ["no checkpoint"]),
+    ("export_missing_step", ["step 7", "steps: [2]"]),
     ("eval_missing_run", ["no_run", "does not exist"]),
     ("eval_no_val_files", ["data.val_files", "--data"]),
 ])
