@@ -5,7 +5,7 @@ setup(
     name="gold_jax",
     version="0.1.0",
     description="General Online Logit Distillation (GOLD) for language models in JAX/Flax",
-    packages=find_packages(include=["gold_jax", "gold_jax.*"]),
+    packages=find_packages(include=["gold_jax", "gold_jax.*", "configs"]),   # configs: `from configs import gold`
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

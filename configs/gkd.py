@@ -5,16 +5,11 @@ r"""verl's GKD recipe as a GOLD config: forward KL(teacher||student), always on-
 beta=0 is exactly KL(P_teacher || Q_student) in our (GKD paper / TRL) convention;
 verl's recipe text names the ends the other way round (see DESIGN.md).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_gold_config", os.path.join(os.path.dirname(__file__), "gold.py"))
-_gold = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_gold)
+from configs import gold
 
 
 def get_config(arg: str | None = None):
-    c = _gold.get_config(arg)
+    c = gold.get_config(arg)
     c.run_dir = "runs/gkd"
     c.gold.beta = 0.0
     c.gold.lmbda = 1.0

@@ -29,6 +29,8 @@ def get_config(arg: str | None = None):
     c.checkpoint.every = 100
     c.trainer.eval_every = 100
     c.trainer.log_completions_every = 50
+    c.demo.max_prompt_length = 32    # the demo's sorting prompts and answers are short; real-model
+    c.demo.max_response_length = 16  # runs (paths given) keep config.data's lengths
     if arg == "runlocal":        # big_vision's laptop branch: a few quick steps
         c.trainer.global_batch_size = 8
         c.trainer.max_steps = 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -77,32 +78,45 @@ def rollout_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), 7919, int(step)]).generate_state(1)[0])
 
 
+class _EndOfData:
+    """What BatchProducer.produce returns once the data iterator is exhausted."""
+
+    def __repr__(self) -> str:
+        return "END_OF_DATA"
+
+
+END_OF_DATA = _EndOfData()
+
+
 class BatchProducer:
-    """Draws the coin and makes the batch for a step; owns the host RNG and the data iterator."""
+    """Draws the coin and makes the batch for a step; owns the host RNG and the data iterator.
 
-    def __init__(self, cfg: Any, data_iter: Any, engine: Any, scorer: Any, rng: np.random.Generator):
-        self.cfg, self.data_iter, self.engine, self.scorer, self.rng = cfg, data_iter, engine, scorer, rng
+    Every wait on the teacher (training batches and evaluation alike) goes through `_wait`,
+    which re-sends after a lost teacher for up to `teacher.wait_s` seconds.
+    """
 
-    def produce(self, step: int) -> PendingBatch:
-        """Raises StopIteration when the data iterator is exhausted (end of the epochs)."""
+    def __init__(self, cfg: Any, data_iter: Any, engine: Any, teacher: Any, rng: np.random.Generator):
+        """`teacher`: a gold_jax.teacher.handle.TeacherHandle (score/generate)."""
+        self.cfg, self.data_iter, self.engine, self.teacher, self.rng = cfg, data_iter, engine, teacher, rng
+
+    def produce(self, step: int) -> PendingBatch | _EndOfData:
+        """The batch for `step` with its scoring request sent, or END_OF_DATA when the epochs are used up."""
         g = self.cfg.gold
         t0 = time.perf_counter()
         # The coin is drawn when generation starts, before the data is read (DESIGN.md).
         on_policy = bool(self.rng.random() < g.lmbda)
-        data = next(self.data_iter)
+        data = next(self.data_iter, None)
+        if data is None:
+            return END_OF_DATA
         if on_policy:
             seq = self._sample(self.engine.generate, data, step)
         elif g.seq_kd:
-            seq = self._sample(lambda *a, **kw: self.scorer.generate(*a, **kw).result(), data, step)
+            seq = self._sample(lambda *a, **kw: self.teacher.generate(*a, **kw).result(), data, step)
         else:
             seq = seq_from_data(data)
         gen_time = time.perf_counter() - t0
-        return PendingBatch(step, on_policy, seq, gen_time, future=self._score(seq, on_policy))
-
-    def _score(self, seq: SequenceBatch, on_policy: bool) -> Future:
-        kw = {"cache": not on_policy} if getattr(self.scorer, "caches", False) else {}
-        return self.scorer.score(seq, top_k=int(self.cfg.gold.top_k), temperature=float(self.cfg.gold.temperature),
-                                 **kw)
+        # Dataset completions recur every epoch: only those may come from the score cache.
+        return PendingBatch(step, on_policy, seq, gen_time, future=self.teacher.score(seq, cacheable=not on_policy))
 
     def _sample(self, generate: Any, data: dict[str, np.ndarray], step: int) -> SequenceBatch:
         r = self.cfg.rollout
@@ -114,15 +128,26 @@ class BatchProducer:
     def resolve(self, p: PendingBatch) -> float:
         """Wait for the batch's teacher scores (re-sending after a lost teacher); returns seconds waited."""
         t0 = time.perf_counter()
-        deadline = t0 + float(self.cfg.teacher.wait_s)
-        while p.scores is None:
-            try:
-                p.scores = p.future.result()
-            except (TimeoutError, ConnectionError) as e:
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"teacher unreachable for {self.cfg.teacher.wait_s:g}s "
-                                       f"(config.teacher.wait_s) while scoring step {p.step}: {e}") from e
-                logging.warning("teacher did not answer step %d (%s); re-sending", p.step, e)
-                p.future = self._score(p.seq, p.on_policy)
+        if p.scores is None:
+            p.scores = self._wait(p.future, lambda: self.teacher.score(p.seq, cacheable=not p.on_policy),
+                                  f"scoring step {p.step}")
         p.future = None
         return time.perf_counter() - t0
+
+    def score_now(self, seq: SequenceBatch, what: str) -> TeacherScores:
+        """Scores of dataset rows (validation), with the same waiting and re-sending as training batches."""
+        return self._wait(self.teacher.score(seq, cacheable=True), lambda: self.teacher.score(seq, cacheable=True),
+                          what)
+
+    def _wait(self, future: Future, resend: Callable[[], Future], what: str) -> TeacherScores:
+        wait_s = float(self.cfg.teacher.wait_s)
+        deadline = time.perf_counter() + wait_s
+        while True:
+            try:
+                return future.result()
+            except (TimeoutError, ConnectionError) as e:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"teacher unreachable for {wait_s:g}s (config.teacher.wait_s) while "
+                                       f"{what}: {e}") from e
+                logging.warning("teacher did not answer while %s (%s); re-sending", what, e)
+                future = resend()

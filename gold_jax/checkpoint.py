@@ -12,14 +12,39 @@ leaves the previous checkpoint as the latest good one. The teacher is never chec
 """
 from __future__ import annotations
 
+import base64
 import os
+import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gold_jax import jsonsafe
+
+def _encode(obj: Any) -> Any:
+    """JSON-safe copy: bytes become {"__b64__": ...} (grain iterator states hold bytes)."""
+    if isinstance(obj, bytes):
+        return {"__b64__": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__b64__"}:
+            return base64.b64decode(obj["__b64__"])
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
 
 
 def _pack_pending(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -33,6 +58,12 @@ def _pack_pending(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
 def _unpack_pending(tree: dict[str, Any]) -> list[dict[str, np.ndarray]]:
     n = int(np.asarray(tree["count"]))
     return [{k: np.asarray(v) for k, v in tree[f"b{i}"].items()} for i in range(n)]
+
+
+class CorruptCheckpointError(ValueError):
+    """A step directory that cannot be restored; the message says which step to fall back to.
+
+    A ValueError, so the command-line tools print it as one line (gold_jax.cli_errors)."""
 
 
 class Checkpointer:
@@ -53,7 +84,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, host: dict[str, Any], pending: list[dict[str, np.ndarray]]) -> None:
         self._mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            host=ocp.args.JsonSave(jsonsafe.encode(host)),
+            host=ocp.args.JsonSave(_encode(host)),
             pending=ocp.args.StandardSave(_pack_pending(pending))))
         self._mgr.wait_until_finished()
 
@@ -63,10 +94,29 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_like)
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore(),
-            pending=ocp.args.StandardRestore()))
-        return out["state"], jsonsafe.decode(out["host"]), _unpack_pending(out["pending"])
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore(),
+                pending=ocp.args.StandardRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore chain dozens of frames: one message instead
+            raise CorruptCheckpointError(self._corrupt_message(step, e)) from None
+        return out["state"], _decode(out["host"]), _unpack_pending(out["pending"])
+
+    def _corrupt_message(self, step: int, err: BaseException) -> str:
+        step_dir = os.path.join(self.directory, str(step))
+        texts, seen = [], set()
+        while err is not None and id(err) not in seen:   # the file is named somewhere down the chain
+            seen.add(id(err))
+            texts.append(str(err))
+            err = err.__cause__ or err.__context__
+        found = [m for t in texts for m in re.findall(re.escape(step_dir) + r"[^\s'\",:;)\]]*", t)
+                 if m.rstrip("/") != step_dir]
+        where = found[0] if found else step_dir
+        earlier = [s for s in self.all_steps() if s < step]
+        fallback = f"step {max(earlier)}" if earlier else "step 0 (no earlier checkpoint: the run starts over)"
+        reason = texts[-1].strip().splitlines()[0][:300] if texts[-1].strip() else "unreadable"
+        return (f"checkpoint step {step} is unreadable ({where}: {reason}); "
+                f"delete that step directory ({step_dir}) to fall back to {fallback}")
 
     def restore_params(self, step: int | None = None) -> Any:
         """Only the saved state tree (numpy-free restore on the default device): export."""

@@ -16,10 +16,14 @@ from absl import logging
 from flax import nnx
 
 from gold_jax import config as config_lib
+from gold_jax.data import build_dataset, load_tokenizer
+from gold_jax.fingerprint import tokenizer_fingerprint
+from gold_jax.models.hf_io import load_pretrained
+from gold_jax.rollout import make_engine
 from gold_jax.sharding import make_mesh
-
-# Data lengths the demo task needs; used when the run leaves the base defaults in place.
-DEMO_LENGTHS = {"max_prompt_length": 32, "max_response_length": 16}
+from gold_jax.teacher import TeacherClient, start_local_teacher
+from gold_jax.teacher.cache import CachedScorer
+from gold_jax.teacher.handle import TeacherHandle
 
 
 def maybe_init_distributed(cfg: ml_collections.ConfigDict) -> None:
@@ -38,15 +42,16 @@ def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
     if cfg.model.student_path or cfg.model.teacher_path or cfg.data.train_files:
         raise ValueError("config.model.student_path, config.model.teacher_path (or config.teacher.address) and "
                          "config.data.train_files must be given together; leave all empty for the embedded demo")
-    from gold_jax.demo.build import ensure_demo_assets
+    from gold_jax.demo.build import ensure_demo_assets   # the demo is optional: built on first use
     assets = ensure_demo_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
     with cfg.unlocked():
         cfg.model.student_path, cfg.model.teacher_path = assets.student_dir, assets.teacher_dir
         cfg.data.train_files, cfg.data.val_files = assets.train_file, assets.val_file
+        # The demo's own lengths (configs/gold.py sets them), where the run left data's defaults.
         base = config_lib.base_config().data
-        for k, v in DEMO_LENGTHS.items():
-            if cfg.data[k] == base[k]:
-                cfg.data[k] = v
+        for k in ("max_prompt_length", "max_response_length"):
+            if cfg.demo[k] and cfg.data[k] == base[k]:
+                cfg.data[k] = cfg.demo[k]
     return assets
 
 
@@ -102,8 +107,6 @@ def make_devices(cfg: ml_collections.ConfigDict) -> Devices:
 
 
 def load_student(cfg: ml_collections.ConfigDict, mesh: Any) -> tuple[nnx.Module, Any]:
-    from gold_jax.data import load_tokenizer
-    from gold_jax.models.hf_io import load_pretrained
     dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
     model = load_pretrained(cfg.model.student_path, dtype=dtype, param_dtype=cfg.model.param_dtype, mesh=mesh)
     # H6: fail at start-up, with the parameter names, when the rules leave too much replicated.
@@ -116,33 +119,32 @@ def load_student(cfg: ml_collections.ConfigDict, mesh: Any) -> tuple[nnx.Module,
     return model, tokenizer
 
 
-def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any) -> tuple[Any, Any]:
-    """(client, embedded teacher or None); the client has checked the teacher against the student."""
-    from gold_jax.fingerprint import tokenizer_fingerprint
-    from gold_jax.teacher import TeacherClient, start_local_teacher
-    local = None
+def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any) -> TeacherHandle:
+    """The run's one teacher handle, checked against the student.
+
+    It hides the embedded server (started when `teacher.address` is empty) and the
+    score cache (`teacher.cache_dir`); its close() stops everything it started.
+    """
+    local = client = None
     address = cfg.teacher.address
-    if not address:
-        local = start_local_teacher(cfg.model.teacher_path, backend=cfg.teacher.backend, port=cfg.teacher.port,
-                                    dtype=cfg.teacher.dtype)
-        address = local.address
-    client = TeacherClient(address, timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries,
-                           max_in_flight=cfg.teacher.max_in_flight)
     try:
+        if not address:
+            local = start_local_teacher(cfg.model.teacher_path, backend=cfg.teacher.backend, port=cfg.teacher.port)
+            address = local.address
+        client = TeacherClient(address, timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries,
+                               max_in_flight=cfg.teacher.max_in_flight)
         info = client.check_student(model.config.vocab_size, tokenizer_fingerprint(tokenizer))
         if cfg.gold.top_k > info["max_top_k"]:
             raise ValueError(f"config.gold.top_k={cfg.gold.top_k} exceeds the teacher's max_top_k={info['max_top_k']}")
+        cache = CachedScorer(client, config_lib.expand(cfg.teacher.cache_dir)) if cfg.teacher.cache_dir else None
     except BaseException:
-        client.close()
-        if local is not None:
-            local.close()
+        TeacherHandle(client, top_k=0, temperature=1.0, server=local).close()
         raise
     logging.info("teacher %s at %s: %s", info.get("model_name"), address, info)
-    return client, local
+    return TeacherHandle(client, top_k=cfg.gold.top_k, temperature=cfg.gold.temperature, cache=cache, server=local)
 
 
 def make_rollout_engine(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any, devices: Devices) -> Any:
-    from gold_jax.rollout import make_engine
     kw = {}
     if cfg.rollout.engine == "vllm":
         # The engine runs in the student's compute dtype, and reserves KV cache for the run's
@@ -161,7 +163,6 @@ def make_data(cfg: ml_collections.ConfigDict, tokenizer: Any, split: str = "trai
     Tokenised once; `gold_jax.data.pipeline.iterate(ds, cfg.data)` gives a fresh
     checkpointable iterator, len(ds) the number of global batches.
     """
-    from gold_jax.data import build_dataset
     kw = dict(split=split, global_batch_size=cfg.trainer.global_batch_size, process_index=jax.process_index(),
               process_count=jax.process_count(), seed=cfg.seed,
               num_epochs=cfg.trainer.num_epochs if split == "train" else 1)
@@ -173,3 +174,48 @@ def write_config(cfg: ml_collections.ConfigDict, run_dir: str) -> None:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2, default=str)
+
+
+class EvalHooks:
+    """Evaluations beyond the validation JSD, run by the trainer: the demo's accuracy and plot.
+
+    A hook has `evaluate(student) -> dict` (metrics for the current weights; `student()`
+    builds a copy of the model on demand), `end_of_run()` and `close()`.
+    """
+
+    def __init__(self, hooks: list[Any]):
+        self.hooks = hooks
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def evaluate(self, student: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for h in self.hooks:
+            out.update(h.evaluate(student))
+        return out
+
+    def end_of_run(self) -> None:
+        for h in self.hooks:
+            h.end_of_run()
+
+    def close(self) -> None:
+        for h in self.hooks:
+            try:
+                h.close()
+            except Exception as e:  # noqa: BLE001 - closing must not mask the real error
+                logging.warning("closing %s failed: %s", type(h).__name__, e)
+        self.hooks = []
+
+
+def make_eval_hooks(cfg: ml_collections.ConfigDict, demo: Any, model: nnx.Module, tokenizer: Any,
+                    run_dir: str) -> EvalHooks:
+    """The demo run's hooks: exact-match accuracy at each evaluation, metrics.png at the end (process 0)."""
+    if demo is None:
+        return EvalHooks([])
+    from gold_jax.demo.accuracy_hook import DemoAccuracy   # the demo is optional (matplotlib, parquet task)
+    from gold_jax.demo.plot import PlotHook
+    hooks: list[Any] = [DemoAccuracy(demo.eval_file, model, tokenizer, n=cfg.demo.eval_n)]
+    if jax.process_index() == 0:
+        hooks.append(PlotHook(run_dir))
+    return EvalHooks(hooks)

@@ -9,6 +9,8 @@ import math
 import os
 from typing import Any
 
+from absl import logging
+
 # Every step record carries all of these (None where a value is unknown, e.g. MFU on CPU).
 STEP_METRICS = (
     "gold/on_policy_ratio", "gold/beta", "gold/lmbda", "gold/temperature", "gold/is_on_policy",
@@ -55,18 +57,30 @@ def _clean(v: Any) -> Any:
 class MetricsWriter:
     """Writes one record per call to metrics.jsonl, TensorBoard and the progress bar."""
 
-    def __init__(self, run_dir: str, *, total_steps: int, initial_step: int = 0, tensorboard: bool = True,
-                 progress_bar: bool = True, enabled: bool = True):
+    def __init__(self, run_dir: str, *, total_steps: int, initial_step: int = 0, keep_through: int | None = None,
+                 tensorboard: bool = True, progress_bar: bool = True, enabled: bool = True):
+        """`keep_through`: the step a run restarts from (-1 for a fresh start): rows of later steps, left by
+        a run killed after writing them, are dropped from the jsonl files and TensorBoard (purge step),
+        so each step appears once. None keeps everything."""
         self.enabled = enabled
         self._tb = self._bar = self._jsonl = self._samples = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
+        if keep_through is not None:
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                dropped = drop_rows_after(os.path.join(run_dir, name), keep_through)
+                if dropped:
+                    logging.warning("%s: dropped %d rows past step %d (written by an interrupted run)",
+                                    name, dropped, keep_through)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            from tensorboardX import SummaryWriter   # optional at import time; installed with the package
+            purge = None if keep_through is None else keep_through + 1
+            # A restart gets its own events file even within the same second as the last one.
+            suffix = f".from{purge}" if purge else ""
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge, filename_suffix=suffix)
         if progress_bar:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="gold", dynamic_ncols=True)
@@ -110,3 +124,19 @@ def read_jsonl(path: str, kind: str | None = "train") -> list[dict[str, Any]]:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+def drop_rows_after(path: str, last_step: int) -> int:
+    """Rewrite a jsonl file keeping the rows with step <= last_step (atomically); returns the number dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)

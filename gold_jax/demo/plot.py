@@ -9,6 +9,8 @@ import math
 import os
 from typing import Any
 
+from absl import logging
+
 from gold_jax.metrics import read_jsonl
 
 LOSS_KEY, ACC_KEY = "actor/jsd_loss", "eval/accuracy"
@@ -58,3 +60,19 @@ def plot_run(run_dir: str, out_path: str | None = None) -> str:
     finally:
         plt.close(fig)
     return out
+
+
+class PlotHook:
+    """Trainer evaluation hook: metrics.png at the end of a demo run (metrics.jsonl is line-buffered)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def evaluate(self, student: Any) -> dict[str, Any]:
+        return {}
+
+    def end_of_run(self) -> None:
+        logging.info("plot: %s", plot_run(self.run_dir))
+
+    def close(self) -> None:
+        pass
