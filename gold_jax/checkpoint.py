@@ -12,7 +12,6 @@ leaves the previous checkpoint as the latest good one. The teacher is never chec
 """
 from __future__ import annotations
 
-import base64
 import os
 import re
 from typing import Any
@@ -21,30 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-def _encode(obj: Any) -> Any:
-    """JSON-safe copy: bytes become {"__b64__": ...} (grain iterator states hold bytes)."""
-    if isinstance(obj, bytes):
-        return {"__b64__": base64.b64encode(obj).decode("ascii")}
-    if isinstance(obj, dict):
-        return {str(k): _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    return obj
-
-
-def _decode(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__b64__"}:
-            return base64.b64decode(obj["__b64__"])
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
+from gold_jax import jsonsafe
 
 
 def _pack_pending(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -84,7 +60,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, host: dict[str, Any], pending: list[dict[str, np.ndarray]]) -> None:
         self._mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            host=ocp.args.JsonSave(_encode(host)),
+            host=ocp.args.JsonSave(jsonsafe.encode(host)),
             pending=ocp.args.StandardSave(_pack_pending(pending))))
         self._mgr.wait_until_finished()
 
@@ -100,7 +76,7 @@ class Checkpointer:
                 pending=ocp.args.StandardRestore()))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore chain dozens of frames: one message instead
             raise CorruptCheckpointError(self._corrupt_message(step, e)) from None
-        return out["state"], _decode(out["host"]), _unpack_pending(out["pending"])
+        return out["state"], jsonsafe.decode(out["host"]), _unpack_pending(out["pending"])
 
     def _corrupt_message(self, step: int, err: BaseException) -> str:
         step_dir = os.path.join(self.directory, str(step))

@@ -129,7 +129,8 @@ def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer
     address = cfg.teacher.address
     try:
         if not address:
-            local = start_local_teacher(cfg.model.teacher_path, backend=cfg.teacher.backend, port=cfg.teacher.port)
+            local = start_local_teacher(cfg.model.teacher_path, backend=cfg.teacher.backend, port=cfg.teacher.port,
+                                        dtype=cfg.teacher.dtype)
             address = local.address
         client = TeacherClient(address, timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries,
                                max_in_flight=cfg.teacher.max_in_flight)

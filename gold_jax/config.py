@@ -2,7 +2,9 @@
 
 configs/*.py start from `base_config()` and change recipe values; `validate()`
 runs before any model, data or device work so a bad key or value fails in a
-second with a message naming the key.
+second with a message naming the key. This module and `validate` import
+nothing heavy (no jax, flax, transformers or torch): the allowed names come
+from the dependency-free `gold_jax.names` and the loss table.
 """
 from __future__ import annotations
 
@@ -12,24 +14,14 @@ from typing import Any
 
 import ml_collections
 
-SCHEDULERS = ("sync", "one_step_off", "two_step_off")
-LOSS_IMPLS = ("auto", "topk", "fused", "vocab_parallel", "dense")
-ENGINES = ("jax", "vllm")
-LR_SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-STALENESS = {"sync": 0, "one_step_off": 1, "two_step_off": 2}
+from gold_jax import config_checks
+from gold_jax.data.config import default_data_config
+from gold_jax.losses import registry
+from gold_jax.losses.registry import LOSS_IMPLS  # noqa: F401 (re-exported)
+from gold_jax.names import (LR_SCHEDULES, MODEL_DTYPES, ROLLOUT_ENGINES, SCHEDULERS, STALENESS,  # noqa: F401
+                            TEACHER_BACKENDS, TOPK_MODES)
 
-
-def _data_defaults() -> ml_collections.ConfigDict:
-    """The data engineer's schema when present, else the fields the trainer reads."""
-    try:
-        from gold_jax.data import default_data_config  # type: ignore[attr-defined]
-        return default_data_config()
-    except ImportError:
-        return ml_collections.ConfigDict(dict(
-            train_files="", val_files="", format="auto", prompt_key="prompt", response_key="response",
-            max_prompt_length=256, max_response_length=256, truncation="left", buckets=(),
-            shuffle=True, seed=0, num_workers=0, chat_template=True))
+DTYPES = ("auto",) + MODEL_DTYPES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "auto"         # compute dtype; auto = bfloat16 on accelerators, float32 on CPU
     c.model.param_dtype = "float32"  # master weights and optimizer state stay float32
 
-    c.data = _data_defaults()
+    c.data = default_data_config()
 
     c.gold = ml_collections.ConfigDict()
     c.gold.beta = 0.5              # 0 = forward KL(teacher||student), 1 = reverse KL
@@ -63,13 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.gold.topk_mode = "tail"      # "tail" (k+1 bucket, exact) or "renormalize" (verl)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.impl = "auto"           # auto | topk | fused | vocab_parallel | dense
+    c.loss.impl = "auto"           # auto or a row of losses.registry.LOSSES: topk | fused | vocab_parallel | dense
     c.loss.chunk_size = 256        # fused lm-head chunk along tokens
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.address = ""         # tcp://host:15555; "" = start an embedded local teacher
     c.teacher.port = 0             # port of the embedded teacher (0 = any free port)
     c.teacher.backend = "jax"      # embedded teacher backend: jax | vllm
+    c.teacher.dtype = "auto"       # embedded teacher weights+compute: auto (bf16 on accelerators, f32 on CPU) | float32 | bfloat16 | float16
     c.teacher.timeout_s = 60.0
     c.teacher.max_retries = 5
     c.teacher.max_in_flight = 4
@@ -156,14 +149,15 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
         _check(0.0 <= g[k] <= 1.0, f"gold.{k}", g[k], "must be in [0, 1]")
     _check(math.isfinite(g.temperature) and g.temperature > 0, "gold.temperature", g.temperature, "must be > 0")
     _check(g.top_k >= 0, "gold.top_k", g.top_k, "must be >= 0 (0 = full rows)")
-    _check(g.topk_mode in ("tail", "renormalize"), "gold.topk_mode", g.topk_mode, "must be tail or renormalize")
+    _check(g.topk_mode in TOPK_MODES, "gold.topk_mode", g.topk_mode, f"must be one of {TOPK_MODES}")
     _check(t.scheduler in SCHEDULERS, "trainer.scheduler", t.scheduler, f"must be one of {SCHEDULERS}")
-    _check(cfg.loss.impl in LOSS_IMPLS, "loss.impl", cfg.loss.impl, f"must be one of {LOSS_IMPLS}")
-    _check(not (g.top_k == 0 and cfg.loss.impl in ("topk", "vocab_parallel")), "loss.impl", cfg.loss.impl,
-           "needs teacher top-k > 0 (gold.top_k=0 sends full rows: use auto, dense or fused)")
+    _check(cfg.loss.impl in registry.loss_impls(), "loss.impl", cfg.loss.impl,
+           f"must be one of {registry.loss_impls()}")
     _check(cfg.loss.chunk_size > 0, "loss.chunk_size", cfg.loss.chunk_size, "must be > 0")
-    _check(cfg.rollout.engine in ENGINES, "rollout.engine", cfg.rollout.engine, f"must be one of {ENGINES}")
-    _check(cfg.teacher.backend in ENGINES, "teacher.backend", cfg.teacher.backend, f"must be one of {ENGINES}")
+    _check(cfg.rollout.engine in ROLLOUT_ENGINES, "rollout.engine", cfg.rollout.engine,
+           f"must be one of {ROLLOUT_ENGINES}")
+    _check(cfg.teacher.backend in TEACHER_BACKENDS, "teacher.backend", cfg.teacher.backend,
+           f"must be one of {TEACHER_BACKENDS}")
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", cfg.rollout.top_p, "must be in (0, 1]")
     _check(cfg.demo.preset in ("full", "tiny"), "demo.preset", cfg.demo.preset, "must be full or tiny")
     _check(cfg.demo.eval_n >= 1, "demo.eval_n", cfg.demo.eval_n, "must be >= 1")
@@ -173,6 +167,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
            cfg.rollout.gpu_memory_utilization, "must be in (0, 1]")
     _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
+    _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
     _check(cfg.model.param_dtype == "float32", "model.param_dtype", cfg.model.param_dtype,
            "master weights must be float32")
     _check(t.global_batch_size >= 1, "trainer.global_batch_size", t.global_batch_size, "must be >= 1")
@@ -198,6 +193,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     for k in ("max_prompt_length", "max_response_length"):
         if k in cfg.data:
             _check(cfg.data[k] >= 1, f"data.{k}", cfg.data[k], "must be >= 1")
+    # Combinations that would crash inside the loss or at start-up, then every path, before any model loads.
+    config_checks.check_combinations(cfg)
+    config_checks.check_paths(cfg)
     if n_devices is not None:
         validate_devices(cfg, n_devices)
 

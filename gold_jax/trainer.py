@@ -37,9 +37,8 @@ from gold_jax.train_step import LossSpec, batch_sharding, init_state, jit_train_
 
 
 def loss_spec(cfg: ml_collections.ConfigDict, mesh: Any, vocab_size: int) -> LossSpec:
-    impl = cfg.loss.impl
-    if impl == "auto":
-        impl = "dense" if cfg.gold.top_k == 0 else ("vocab_parallel" if mesh.shape["tensor"] > 1 else "topk")
+    from gold_jax.losses import registry
+    impl = registry.resolve_impl(cfg.loss.impl, registry.teacher_signal(cfg.gold.top_k), mesh.shape["tensor"])
     dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
     return LossSpec(impl=impl, beta=float(cfg.gold.beta), temperature=float(cfg.gold.temperature),
                     mode=cfg.gold.topk_mode, chunk_size=int(cfg.loss.chunk_size), dtype=dtype, vocab_size=vocab_size)
