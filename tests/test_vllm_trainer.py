@@ -21,7 +21,6 @@ from gold_jax.models import ModelConfig, init_model  # noqa: E402
 from gold_jax.models.hf_io import save_pretrained  # noqa: E402
 from gold_jax.rollout.jax_sampler import JaxSampler  # noqa: E402
 from gold_jax.trainer import Trainer  # noqa: E402
-from test_trainer import make_cfg  # noqa: E402
 from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -58,14 +57,14 @@ class CheckedTrainer(Trainer):
     few prompts with vLLM and with the JAX sampler on the last synced parameters."""
 
     def _sync(self):
-        before = self._engine_version
+        before = self.engine_version
         seconds = super()._sync()
-        if self._engine_version != before:
-            self.synced = (self._engine_version, jax.device_get(self.state.params))
+        if self.engine_version != before:
+            self.synced = (self.engine_version, jax.device_get(self.state.params))
         return seconds
 
     def _greedy(self, engine):
-        ids, mask = _prompts(self.model.config.vocab_size, self.tokenizer.pad_token_id)
+        ids, mask = _prompts(self.model_config.vocab_size, self.tokenizer.pad_token_id)
         return engine.generate(ids, mask, max_new_tokens=R, temperature=0.0, seed=0)
 
     def close(self):
@@ -79,6 +78,21 @@ class CheckedTrainer(Trainer):
                                "jax_theta0": self._greedy(sampler(self.theta0)), "version": version}
         finally:
             super().close()
+
+
+def make_cfg(assets, run_dir, **over):
+    from configs import tiny
+    c = tiny.get_config()
+    c.run_dir = str(run_dir)
+    c.model.student_path, c.model.teacher_path = assets["student"], assets["teacher"]
+    c.data.train_files, c.data.val_files = assets["train"], assets["val"]
+    for k, v in over.items():
+        node = c
+        *head, last = k.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = v
+    return c
 
 
 @pytest.fixture(scope="module")
