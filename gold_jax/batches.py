@@ -123,7 +123,12 @@ class BatchProducer:
         out = generate(data["prompt_ids"], data["prompt_mask"], max_new_tokens=int(self.cfg.data.max_response_length),
                        temperature=float(self.cfg.gold.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
                        seed=rollout_seed(self.cfg.seed, step))
-        return SequenceBatch(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+        c_ids, c_mask = out.completion_ids, out.completion_mask
+        eos_ids = getattr(self.engine, "eos_ids", None)
+        if eos_ids:   # H4: the student's EOS set ends every completion (a teacher may stop on other ids)
+            from gold_jax.rollout.base import end_at_eos
+            c_ids, c_mask = end_at_eos(c_ids, c_mask, eos_ids, int(getattr(self.engine, "pad_id", 0) or 0))
+        return SequenceBatch(out.prompt_ids, out.prompt_mask, c_ids, c_mask)
 
     def resolve(self, p: PendingBatch) -> float:
         """Wait for the batch's teacher scores (re-sending after a lost teacher); returns seconds waited."""

@@ -112,10 +112,9 @@ def load_student(cfg: ml_collections.ConfigDict, mesh: Any) -> tuple[nnx.Module,
     # H6: fail at start-up, with the parameter names, when the rules leave too much replicated.
     from gold_jax.sharding.replication_check import check_replication
     check_replication(nnx.state(model), mesh, float(cfg.mesh.max_replicated_fraction))
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path)
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer at {cfg.model.tokenizer_path or cfg.model.student_path} needs a pad and an "
-                         "eos token (set them in tokenizer_config.json)")
+    # H4: load_tokenizer attaches the EOS set (tokenizer + the student's config/generation_config)
+    # and picks a pad when the tokenizer ships none; it refuses only a tokenizer without any EOS.
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path, model_dir=cfg.model.student_path)
     return model, tokenizer
 
 
@@ -134,6 +133,7 @@ def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer
             address = local.address
         client = TeacherClient(address, timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries,
                                max_in_flight=cfg.teacher.max_in_flight)
+        _compare_teacher_tokenizer(cfg, tokenizer)   # H4: precise vocabulary differences, EOS/pad warnings
         info = client.check_student(model.config.vocab_size, tokenizer_fingerprint(tokenizer))
         if cfg.gold.top_k > info["max_top_k"]:
             raise ValueError(f"config.gold.top_k={cfg.gold.top_k} exceeds the teacher's max_top_k={info['max_top_k']}")
@@ -143,6 +143,16 @@ def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer
         raise
     logging.info("teacher %s at %s: %s", info.get("model_name"), address, info)
     return TeacherHandle(client, top_k=cfg.gold.top_k, temperature=cfg.gold.temperature, cache=cache, server=local)
+
+
+def _compare_teacher_tokenizer(cfg: ml_collections.ConfigDict, tokenizer: Any) -> None:
+    """With a local teacher folder, say exactly how its vocabulary differs (the fingerprint only says that)."""
+    from gold_jax.fingerprint import compare_tokenizers
+    path = cfg.model.teacher_path
+    if not path or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return
+    for w in compare_tokenizers(tokenizer, load_tokenizer(path)):
+        logging.warning("teacher tokenizer: %s", w)
 
 
 def make_rollout_engine(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any, devices: Devices) -> Any:
@@ -155,7 +165,10 @@ def make_rollout_engine(cfg: ml_collections.ConfigDict, model: nnx.Module, token
                   max_model_len=int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length))
     else:
         kw = dict(mesh=devices.rollout_mesh)
-    return make_engine(cfg.rollout.engine, model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, **kw)
+    from gold_jax.data.special_tokens import eos_token_ids
+    # H4: sampling stops on any id of the student's EOS set (Llama 3.2 Instruct has three).
+    return make_engine(cfg.rollout.engine, model, eos_id=eos_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                       **kw)
 
 
 def make_data(cfg: ml_collections.ConfigDict, tokenizer: Any, split: str = "train") -> Any:
@@ -167,6 +180,8 @@ def make_data(cfg: ml_collections.ConfigDict, tokenizer: Any, split: str = "trai
     kw = dict(split=split, global_batch_size=cfg.trainer.global_batch_size, process_index=jax.process_index(),
               process_count=jax.process_count(), seed=cfg.seed,
               num_epochs=cfg.trainer.num_epochs if split == "train" else 1)
+    # H4: training rows need a completion only when off-policy steps train on it (λ < 1, no seq_kd).
+    kw["require_response"] = split != "train" or (cfg.gold.lmbda < 1 and not cfg.gold.seq_kd)
     return build_dataset(cfg.data, tokenizer, **kw)[0]   # tokenize_files logs the row accounting
 
 

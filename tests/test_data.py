@@ -594,3 +594,20 @@ def test_tokenizer_check_compares_the_vocabulary_not_special_roles(llama_dir, qw
     with pytest.raises(ValueError, match=r"sizes differ: student 312 ids, teacher 303.*ids differ, first 300: "
                                          r"student '<\|begin_of_text\|>' vs teacher '<\|endoftext\|>'.*special tokens"):
         compare_tokenizers(llama, instruct)
+
+
+def test_components_require_completions_only_when_off_policy_steps_use_them(tok, tmp_path):
+    """Issue 12.3: the trainer's data wiring passes require_response from gold.lmbda / gold.seq_kd."""
+    from gold_jax import config as config_lib
+    from gold_jax.components import make_data
+    rows = [{"prompt": [{"role": "user", "content": question(i)}]} for i in range(4)]
+    cfg = config_lib.base_config()
+    cfg.data.train_files = write_parquet(tmp_path / "rl.parquet", rows)
+    cfg.trainer.global_batch_size = 4
+    cfg.gold.lmbda = 1.0
+    assert len(make_data(cfg, tok)) > 0
+    cfg.gold.lmbda = 0.5
+    with pytest.raises(ValueError, match=r"data\.response_key.*gold\.lmbda"):
+        make_data(cfg, tok)
+    cfg.gold.seq_kd = True
+    assert len(make_data(cfg, tok)) > 0

@@ -119,8 +119,12 @@ class JaxBackend(TeacherBackend):
         if self._sampler is None:
             from gold_jax.rollout.jax_sampler import JaxSampler
             tok = self.tokenizer
-            eos = tok.eos_token_id if tok.eos_token_id is not None else self.model.config.eos_token_id
-            pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+            from gold_jax.data.special_tokens import EOS_ATTR
+            # The whole EOS set (tokenizer + config/generation_config), as the student's rollout uses.
+            eos = getattr(tok, EOS_ATTR, None) or (tok.eos_token_id if tok.eos_token_id is not None
+                                                   else self.model.config.eos_token_id)
+            first = eos[0] if isinstance(eos, (tuple, list)) else eos
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (first or 0)
             model = self.model
             if self._info["embedding_size"] > self._info["vocab_size"]:
                 model = _TokenizerVocab(model, self._info["vocab_size"])

@@ -99,8 +99,12 @@ class VllmBackend(TeacherBackend):
         self.n_pad = embed - vocab
         self.full_rows = embed <= full_rows_max_vocab
         max_top_k = min(int(max_top_k), vocab)
-        eos = tok.eos_token_id if tok.eos_token_id is not None else hf.get("eos_token_id")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+        from gold_jax.data.special_tokens import EOS_ATTR
+        # The whole EOS set (tokenizer + config/generation_config): vLLM stops on any of them.
+        eos = getattr(tok, EOS_ATTR, None) or (tok.eos_token_id if tok.eos_token_id is not None
+                                               else hf.get("eos_token_id"))
+        first = eos[0] if isinstance(eos, (tuple, list)) else eos
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (first or 0)
         # max_logprobs bounds what a request may ask for: full rows, or top-k plus the padding ids.
         self.engine = VllmEngine(model_path, eos_id=eos, pad_id=pad, sample_vocab=vocab,
                                  max_logprobs=embed if self.full_rows else max_top_k + self.n_pad, **engine_kw)
