@@ -65,16 +65,12 @@ def test_replicated_fraction(devices):
 
 
 def test_every_logical_rule_is_used():
-    """No dead rules: each logical axis names a model parameter dim, a KV-cache dim or the loss's logits."""
-    from flax import nnx
+    """No dead rules: each logical axis name appears (quoted) in some module besides the rules table."""
+    import pathlib
 
-    from gold_jax.models import ModelConfig, init_model
-    from gold_jax.models.kv_cache import KV_CACHE_AXES
+    import gold_jax
     from gold_jax.sharding.rules import LOGICAL_AXIS_RULES
-    cfg = ModelConfig(architecture="qwen2", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=8, attention_bias=True)
-    used = {"act_vocab"}   # gold_jax.losses.adapters: the vocab axis of the student's logits
-    used |= set(KV_CACHE_AXES)
-    for _, v in nnx.to_flat_state(nnx.state(init_model(cfg, seed=0))):
-        used |= set(v.get_metadata().get("out_sharding") or ())
-    assert {name for name, _ in LOGICAL_AXIS_RULES} <= used
+    root = pathlib.Path(gold_jax.__file__).parent
+    text = "\n".join(p.read_text() for p in root.rglob("*.py") if p.name != "rules.py")
+    unused = [name for name, _ in LOGICAL_AXIS_RULES if f'"{name}"' not in text]
+    assert not unused, f"rules nobody names: {unused}"
