@@ -508,3 +508,61 @@ def test_server_exit_status_and_cause_are_logged(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 128 + 15 and "received SIGTERM" in err, err
+
+
+def test_worker_survives_malformed_tasks_and_server_rejects_bad_workers(teacher):
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    addr = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    stop = threading.Event()
+    t = threading.Thread(target=serve_worker, args=(FakeBackend(), addr), kwargs={"stop": stop, "heartbeat_s": 0.1},
+                         daemon=True)
+    t.start()
+    try:
+        assert router.poll(10_000)
+        wid, ready = router.recv_multipart()
+        assert P.decode_worker_message([ready]).kind == "ready"
+        unhashable = [msgpack.packb({"v": 1, "id": "u", "op": "score", "args": {"top_k": 3, "temperature": 1.0},
+                                     "arrays": [["input_ids", ["int32"], [1, 4]]]}), bytes(16)]
+        for bad in ([b"\xc1"], [msgpack.packb({"type": "task", "n_frames": [{"a": 1}]}), b"x"],
+                    [msgpack.packb({"type": "task", "n_frames": [5]}), b"x"], [msgpack.packb({"type": ["task"]})]):
+            router.send_multipart([wid, *bad])          # dropped and logged
+        router.send_multipart([wid, *P.encode_task([unhashable])])
+        ids = np.zeros((1, 4), np.int32)
+        router.send_multipart([wid, *P.encode_task([P.encode_request("good", "score", {"top_k": 3, "temperature": 1.0},
+                                                                     {"input_ids": ids,
+                                                                      "attention_mask": np.ones_like(ids)})])])
+        replies = {}
+        deadline = time.monotonic() + 20
+        while len(replies) < 2 and time.monotonic() < deadline:
+            if router.poll(1000):
+                _, *frames = router.recv_multipart()
+                m = P.decode_worker_message(frames)
+                if m.kind == "reply":
+                    r = P.decode(m.frames)
+                    replies[r.id] = r
+        assert not replies["u"].ok and replies["u"].code == P.ErrorCode.BAD_REQUEST
+        assert replies["good"].ok and replies["good"].arrays["ids"].shape == (1, 3, 3)
+        assert t.is_alive()
+    finally:
+        stop.set()
+        t.join(5)
+        router.close(0)
+    # The server side: a worker whose info has wrong types is rejected, the server keeps serving.
+    back = zmq.Context.instance().socket(zmq.DEALER)
+    back.setsockopt(zmq.LINGER, 0)
+    back.connect(teacher.server.worker_address)
+    try:
+        info = {**FakeBackend().info(), "vocab_size": [50]}
+        back.send(msgpack.packb({"type": "ready", "v": 1, "info": info}))
+        assert back.poll(10_000)
+        m = P.decode_server_message(back.recv_multipart())
+        assert m.kind == "reject" and "vocab_size" in m.error
+        back.send(msgpack.packb({"type": "ready", "v": 99, "info": FakeBackend().info()}))
+        assert back.poll(10_000)
+        m = P.decode_server_message(back.recv_multipart())
+        assert m.kind == "reject" and "protocol version 99" in m.error
+    finally:
+        back.close(0)
+    with TeacherClient(teacher.server.address, timeout_s=10) as c:
+        assert c.ping()["workers"] == 2

@@ -179,8 +179,12 @@ class TeacherClient:
             raise ConnectionError(f"TeacherClient({self.address}) is closed")
         fut: Future = Future()
         rid = uuid.uuid4().hex
-        self._submit.put(_Req(rid, op, P.encode_request(rid, op, args, arrays), fut, decode))
+        req = _Req(rid, op, P.encode_request(rid, op, args, arrays), fut, decode)
+        self._submit.put(req)
         self._wake()
+        if self._closed.is_set() and not self._thread.is_alive():
+            # close() ran meanwhile and the I/O thread has drained its queue: never leave it pending.
+            self._finish(req, error=ConnectionError(f"TeacherClient({self.address}) is closed"))
         return fut
 
     def _finish(self, req: _Req, result: Any = None, error: BaseException | None = None) -> None:
