@@ -48,3 +48,31 @@ def behaviour_logprobs(on_rows: np.ndarray, logprobs: np.ndarray | None, shape: 
         lp = np.asarray(logprobs, np.float32)
         out[:, :lp.shape[1]] = np.where(on_rows[:, None], lp[:, :shape[1]], 0.0)
     return out
+
+
+# The train step's aux sums (gold_jax.losses.objective, prefixed "aux/") under their metric names; the
+# diagnostics keep theirs (teacher/topk_mass/on_policy, ...).
+AUX_METRICS = {"loss/on_policy": "actor/jsd_loss/on_policy", "loss/off_policy": "actor/jsd_loss/off_policy",
+               "importance_ratio": "gold/importance_ratio/mean", "importance_ratio_max": "gold/importance_ratio/max",
+               "opd/reverse_kl": "actor/opd_reverse_kl"}
+
+
+def opd_metrics(met: dict, pend, staleness: float, on_policy_ratio: float) -> dict[str, float]:
+    """Row-exact λ metrics, gold/staleness (student rows only) and the aux metrics present in this batch.
+
+    A group without a token in this batch (e.g. off-policy rows of an on-policy batch) logs nothing,
+    rather than a 0 that would read as a measurement.
+    """
+    rows = pend.row_flags()
+    out = {"gold/on_policy_ratio": float(on_policy_ratio), "gold/is_on_policy": float(rows.mean())}
+    if rows.any() and staleness == staleness:
+        out["gold/staleness"] = float(staleness)
+    for k, v in met.items():
+        if not k.startswith("aux/") or k.endswith("#count"):
+            continue
+        name = k[4:]
+        count_key = "aux/importance_ratio#count" if name == "importance_ratio_max" else f"{k}#count"
+        if count_key in met and float(met[count_key]) == 0:
+            continue
+        out[AUX_METRICS.get(name, name)] = float(v)
+    return out
