@@ -94,6 +94,10 @@ class Checkpointer:
         return (f"checkpoint step {step} is unreadable ({where}: {reason}); "
                 f"delete that step directory ({step_dir}) to fall back to {fallback}")
 
+    def restore_host(self, step: int) -> dict[str, Any]:
+        """Only the host JSON of `step` (cheap): checked before the state is restored (LoRA base reference)."""
+        return jsonsafe.decode(self._mgr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"])
+
     def restore_params(self, step: int | None = None) -> Any:
         """Only the saved state tree (numpy-free restore on the default device): export."""
         step = self.latest_step() if step is None else step

@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer_path = ""    # "" = the student's dir
     c.model.dtype = "auto"         # compute dtype; auto = bfloat16 on accelerators, float32 on CPU
     c.model.param_dtype = "float32"  # master weights and optimizer state stay float32
+    # LoRA student (H9, models/lora.py; PEFT LoraConfig's r, lora_alpha, lora_dropout, target_modules).
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0            # adapter rank r; 0 = train all parameters (LoRA off)
+    c.model.lora.alpha = 16.0        # the update is scaled by alpha / rank (PEFT's lora_alpha)
+    c.model.lora.dropout = 0.0       # dropout on the adapter input, in [0, 1) (PEFT's lora_dropout)
+    c.model.lora.targets = "q,k,v,o,gate,up,down"   # of q,k,v,o,gate,up,down,lm_head,embed
 
     c.data = default_data_config()
 
@@ -168,8 +174,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
     _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
-    _check(cfg.model.param_dtype == "float32", "model.param_dtype", cfg.model.param_dtype,
-           "master weights must be float32")
+    from gold_jax.models.lora import config_errors as lora_errors   # H9: LoRA keys
+    for key, value, problem in lora_errors(cfg.model.lora):
+        _check(False, key, value, problem)
+    # With LoRA the base weights are frozen (param_dtype may be bfloat16); adapters stay float32.
+    _check(cfg.model.param_dtype == "float32" or (cfg.model.lora.rank > 0 and cfg.model.param_dtype == "bfloat16"),
+           "model.param_dtype", cfg.model.param_dtype,
+           "master weights must be float32 (bfloat16 is allowed for a LoRA student's frozen base)")
     _check(t.global_batch_size >= 1, "trainer.global_batch_size", t.global_batch_size, "must be >= 1")
     _check(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
     _check(t.global_batch_size % t.grad_accum_steps == 0, "trainer.grad_accum_steps", t.grad_accum_steps,

@@ -83,11 +83,20 @@ def resolve_export_dtype(dtype: str, student_dir: str) -> str:
     return model_dtype(student_dir) or "float32"
 
 
-def load_student(run_dir: str, step: int | None = None, *,
-                 dtype: str = "float32") -> tuple[Any, Any, ml_collections.ConfigDict]:
+def lora_spec(cfg: ml_collections.ConfigDict) -> Any:
+    """The run's LoraSpec, None for a full-parameter run (also runs from before model.lora existed)."""
+    from gold_jax.models.lora import LoraSpec
+    lc = cfg.model.get("lora")
+    return None if lc is None else LoraSpec.from_config(lc)
+
+
+def load_student(run_dir: str, step: int | None = None, *, dtype: str = "float32",
+                 adapters: bool = False) -> tuple[Any, Any, ml_collections.ConfigDict]:
     """(student with the checkpointed float32 weights on one device, tokenizer, run config).
 
-    step None = the latest; `dtype` is the model's compute dtype (the weights stay float32)."""
+    step None = the latest; `dtype` is the model's compute dtype (the weights stay float32).
+    A LoRA run's student is its base with the adapters merged in, or with them attached
+    (`adapters=True`); the base at config.model.student_path must be the one trained on."""
     import jax
     from flax import nnx
 
@@ -100,7 +109,14 @@ def load_student(run_dir: str, step: int | None = None, *,
     if not os.path.isdir(ckpt_dir):   # before loading any model
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     model = load_pretrained(cfg.model.student_path, dtype=dtype)
-    graphdef, params = nnx.split(model)
+    spec = lora_spec(cfg)
+    lora = None
+    if spec is None:
+        graphdef, params = nnx.split(model)
+    else:
+        from gold_jax.models.lora import LoraStudent
+        lora = LoraStudent(model, spec, seed=int(cfg.seed))
+        graphdef, params = lora.graphdef, lora.adapters
     tx, _ = make_optimizer(cfg.optimizer, 1)
     like = jax.eval_shape(lambda p: init_state(p, tx), params)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -111,10 +127,17 @@ def load_student(run_dir: str, step: int | None = None, *,
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
         if step is not None and step not in ckpt.all_steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {ckpt_dir} (steps: {ckpt.all_steps()})")
+        if lora is not None:   # before the adapters are read: they fit only the base they were trained on
+            from gold_jax.models.lora import check_base
+            check_base(ckpt.restore_host(step if step is not None else ckpt.latest_step()).get("lora_base"),
+                       cfg.model.student_path)
         state, _, _ = ckpt.restore(step, like)
     finally:
         ckpt.close()
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.student_path, model_dir=cfg.model.student_path)
+    if lora is not None:
+        return (nnx.merge(graphdef, state.params, lora.frozen) if adapters else lora.merged_model(state.params),
+                tokenizer, cfg)
     return nnx.merge(graphdef, state.params), tokenizer, cfg
 
 
@@ -131,11 +154,30 @@ def cast_params(model: Any, dtype: str) -> Any:
     return out
 
 
-def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "auto") -> str:
-    """Write the run's student (checkpoint `step`, None = latest) to out_dir in `dtype` (see module doc)."""
+LORA_FORMATS = ("peft",)
+
+
+def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "auto",
+           lora_format: str | None = None, merged: bool = False) -> str:
+    """Write the run's student (checkpoint `step`, None = latest) to out_dir in `dtype` (see module doc).
+
+    A LoRA run: `lora_format="peft"` writes its adapters for peft (lora_export.py); otherwise
+    (`merged`, the default) the base with the adapters merged, as a full HF folder."""
     from gold_jax.models.hf_io import save_pretrained
     if dtype not in EXPORT_DTYPES:   # before any model loads
         raise ValueError(f"--dtype={dtype!r}: must be one of {EXPORT_DTYPES}")
+    if lora_format is not None:
+        if lora_format not in LORA_FORMATS:
+            raise ValueError(f"--lora-format={lora_format!r}: must be one of {LORA_FORMATS}")
+        if merged:
+            raise ValueError("--lora-format and --merged exclude each other: adapters or a merged HF folder")
+        spec = lora_spec(load_run_config(run_dir))
+        if spec is None:
+            raise ValueError(f"--lora-format={lora_format}: {run_dir} is not a LoRA run (config.model.lora.rank=0)")
+        from gold_jax.lora_export import save_peft
+        model, tokenizer, cfg = load_student(run_dir, step, adapters=True)
+        save_peft(model, spec, cfg.model.student_path, out_dir)
+        return out_dir
     model, tokenizer, cfg = load_student(run_dir, step)
     model = cast_params(model, resolve_export_dtype(dtype, cfg.model.student_path))
     save_pretrained(model, out_dir)
@@ -156,7 +198,7 @@ def main(argv: list[str]) -> None:
     fl = flags.FLAGS
     if not fl["verbosity"].present:   # orbax logs every restore step at INFO: keep the output to the result
         logging.set_verbosity(logging.WARNING)
-    print(export(fl.run, fl.out, fl.step, fl.dtype))
+    print(export(fl.run, fl.out, fl.step, fl.dtype, lora_format=fl.lora_format, merged=fl.merged))
 
 
 if __name__ == "__main__":
@@ -166,4 +208,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_enum("dtype", "auto", EXPORT_DTYPES,
                       "weights dtype; auto = the student's own (config.json torch_dtype / safetensors header)")
+    flags.DEFINE_string("lora_format", None, "LoRA run: 'peft' writes adapter_model.safetensors + "
+                        "adapter_config.json for peft instead of a merged HF folder")
+    flags.DEFINE_bool("merged", False, "LoRA run: a full HF folder with the adapters merged (the default)")
     cli_errors.run_absl(main)

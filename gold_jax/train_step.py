@@ -114,15 +114,27 @@ def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
+def _model(graphdef: Any, params: Any, frozen: Any, dtype: str, dropout_key: jax.Array | None = None) -> nnx.Module:
+    """The student from its trained `params` and, for a LoRA student, its `frozen` base (models/lora.py)."""
+    states = (_cast(params, dtype),) + (() if frozen is None else (_cast(frozen, dtype),))
+    model = nnx.merge(graphdef, *states)
+    if dropout_key is not None:   # LoRA dropout: a fresh mask per step (the frozen RNG state is never written back)
+        nnx.reseed(model, dropout=dropout_key)
+    return model
+
+
 def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec: LossSpec,
                    n_micro: int, mesh: Mesh | None = None,
-                   loss_fn: Callable | None = None) -> tuple[jax.Array, Any, jax.Array]:
-    """(loss, grads, n_tokens): mean JSD over all completion tokens of the step and its gradient."""
+                   loss_fn: Callable | None = None, frozen: Any = None,
+                   dropout_key: jax.Array | None = None) -> tuple[jax.Array, Any, jax.Array]:
+    """(loss, grads, n_tokens): mean JSD over all completion tokens of the step and its gradient.
+
+    With a LoRA student `params` are the adapters (the only leaves differentiated) and `frozen` the base."""
     loss_fn = loss_fn or loss_sum
     n_tok = jnp.maximum(batch["completion_mask"].astype(jnp.float32).sum(), 1.0)
 
     def f(p, mb):
-        model = nnx.merge(graphdef, _cast(p, spec.dtype))
+        model = _model(graphdef, p, frozen, spec.dtype, dropout_key)
         return loss_fn(model, mb, spec, mesh) / n_tok
 
     vg = jax.value_and_grad(f)
@@ -140,8 +152,10 @@ def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any, tx: optax.GradientTransformation,
                schedule: optax.Schedule, spec: LossSpec, n_micro: int, mesh: Mesh | None = None,
-               loss_fn: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads, n_tok = grads_and_loss(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn)
+               loss_fn: Callable | None = None, frozen: Any = None,
+               dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+    loss, grads, n_tok = grads_and_loss(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn, frozen, key)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -156,9 +170,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
 
 
 def eval_loss(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, spec: LossSpec,
-              mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-    """(sum, n_tokens) of the JSD on a batch: validation."""
-    model = nnx.merge(graphdef, _cast(params, spec.dtype))
+              mesh: Mesh | None = None, frozen: Any = None) -> tuple[jax.Array, jax.Array]:
+    """(sum, n_tokens) of the JSD on a batch: validation (LoRA dropout off)."""
+    model = _model(graphdef, params, frozen, spec.dtype)
+    if frozen is not None:
+        model.eval()
     return loss_sum(model, batch, spec, mesh), batch["completion_mask"].astype(jnp.float32).sum()
 
 
@@ -170,9 +186,17 @@ def state_shardings(state: TrainState) -> Any:
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def jit_train_step(state: TrainState, *, mesh: Mesh, **kw: Any) -> Callable:
-    """jit with the state's own shardings in and out, donating the old state."""
+def jit_train_step(state: TrainState, *, mesh: Mesh, frozen: Any = None, **kw: Any) -> Callable:
+    """jit with the state's own shardings in and out, donating the old state.
+
+    A LoRA student's `frozen` base weights go in as a separate, non-donated argument."""
     shard = state_shardings(state)
+    if frozen is not None:
+        def fn_lora(s, b, f):
+            return train_step(s, b, mesh=mesh, frozen=f, **kw)
+        jitted = jax.jit(fn_lora, in_shardings=(shard, batch_sharding(mesh), state_shardings(frozen)),
+                         out_shardings=(shard, None), donate_argnums=(0,))
+        return lambda s, b: jitted(s, b, frozen)
     def fn(s, b):
         return train_step(s, b, mesh=mesh, **kw)
     return jax.jit(fn, in_shardings=(shard, batch_sharding(mesh)), out_shardings=(shard, None),

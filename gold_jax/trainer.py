@@ -85,13 +85,23 @@ class Trainer:
         self.total_steps = len(train_ds) if t.max_steps == -1 else min(t.max_steps, len(train_ds))
         if self.total_steps < 1:
             raise ValueError("config.data.train_files yield no full batch of config.trainer.global_batch_size rows")
-        self.graphdef, params = nnx.split(model)
+        # H9: a LoRA student (model.lora.rank > 0) trains its adapters only; the base is frozen and un-donated.
+        from gold_jax.models import lora as lora_lib
+        self.lora = lora_lib.student_from_config(cfg, model, self.mesh)
+        if self.lora is None:
+            self.graphdef, params = nnx.split(model)
+            frozen = dropout_seed = None
+        else:
+            self.graphdef, params, frozen = self.lora.graphdef, self.lora.adapters, self.lora.frozen
+            dropout_seed = int(cfg.seed) if self.lora.spec.dropout > 0 else None
         tx, schedule = make_optimizer(cfg.optimizer, self.total_steps)
         self.state = init_state(params, tx)
         spec = loss_spec(cfg, self.mesh, tokenizer_size(self.tokenizer))
         self.step_fn = jit_train_step(self.state, mesh=self.mesh, graphdef=self.graphdef, tx=tx,
-                                      schedule=schedule, spec=spec, n_micro=t.grad_accum_steps)
-        self.eval_fn = jax.jit(lambda p, b: eval_loss(p, b, graphdef=self.graphdef, spec=spec, mesh=self.mesh))
+                                      schedule=schedule, spec=spec, n_micro=t.grad_accum_steps,
+                                      frozen=frozen, dropout_seed=dropout_seed)
+        _eval = jax.jit(lambda p, f, b: eval_loss(p, b, graphdef=self.graphdef, spec=spec, mesh=self.mesh, frozen=f))
+        self.eval_fn = lambda p, b: _eval(p, frozen, b)
         # Engines get their own copy of θ_0: the first update donates the state's buffers.
         engine = components.make_rollout_engine(cfg, self._student_copy(), self.tokenizer, self.devices)
         rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 1]))
@@ -118,12 +128,15 @@ class Trainer:
         return self.producer.engine
 
     def _student_copy(self) -> nnx.Module:
+        if self.lora is not None:   # the base with the adapters folded in, merged under jit (new buffers)
+            return self.lora.merged_model(self.state.params)
         return nnx.merge(self.graphdef, _copy(self.state.params))
 
     # ------------------------------------------------------------------ checkpoints
     def _host_state(self) -> dict[str, Any]:
         return {"step": self.step, "rng": self.producer.rng.bit_generator.state, "n_on_policy": self.n_on_policy,
-                "n_done": self.step, "data_iter": iterator_state_to_json(self.producer.data_iter.get_state())}
+                "n_done": self.step, "data_iter": iterator_state_to_json(self.producer.data_iter.get_state()),
+                **({"lora_base": self.lora.base_ref} if self.lora is not None else {})}
 
     def save(self) -> None:
         if self.ckpt is None:
@@ -136,6 +149,10 @@ class Trainer:
     def _maybe_resume(self) -> bool:
         if self.ckpt is None or not self.cfg.checkpoint.resume or self.ckpt.latest_step() is None:
             return False
+        if self.lora is not None:   # H9: adapters only fit the base they were trained on
+            from gold_jax.models import lora as lora_lib
+            lora_lib.check_base(self.ckpt.restore_host(self.ckpt.latest_step()).get("lora_base"),
+                                self.cfg.model.student_path)
         # A corrupt step raises one CorruptCheckpointError naming the step, the file and the step to fall back to.
         self.state, host, pending = self.ckpt.restore(self.ckpt.latest_step(), self.state)
         self.step, self.n_on_policy = host["step"], host["n_on_policy"]

@@ -45,7 +45,9 @@ class Decoder(nnx.Module):
 
     # ---- full-sequence path -------------------------------------------------
     def _embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
+        ad = getattr(self, "embed_lora", None)   # LoRA (models/lora.py)
+        return x if ad is None else x + ad.rows(input_ids, x.dtype)
 
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array,
                positions: jax.Array | None = None) -> jax.Array:
@@ -70,10 +72,13 @@ class Decoder(nnx.Module):
         return self.norm(x)
 
     def lm_head_weight(self) -> jax.Array:
-        """[H, V] output projection (the transposed embedding when tied)."""
+        """[H, V] output projection (the transposed embedding when tied), LoRA updates folded in."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens[...].T
-        return self.lm_head[...]
+            ad = getattr(self, "embed_lora", None)   # a tied head is the adapted embedding (= the merged model)
+            w = self.embed_tokens[...]
+            return w.T if ad is None else (w.astype(jnp.float32) + ad.delta()).T
+        ad = getattr(self, "lm_head_lora", None)
+        return self.lm_head[...] if ad is None else self.lm_head[...].astype(jnp.float32) + ad.delta()
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         return dense(h, self.lm_head_weight().astype(h.dtype), out_dtype=jnp.float32)

@@ -73,6 +73,15 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Arra
     return _dense(x, w, n_in, None if out_dtype is None else jnp.dtype(out_dtype))
 
 
+def adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, n_in: int = 1) -> jax.Array:
+    """y plus the LoRA adapter `<name>_lora` of `module` on input x, when one is attached (models/lora.py)."""
+    ad = getattr(module, f"{name}_lora", None)
+    if ad is None:
+        return y
+    flat = x.reshape(*x.shape[:x.ndim - n_in], -1)
+    return y + ad(flat).reshape(y.shape).astype(y.dtype)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -157,6 +166,7 @@ class Attention(nnx.Module):
         kv_w = jnp.stack([self.k_proj[...], self.v_proj[...]], axis=1).astype(cd)
         kv = dense(x, kv_w)
         k, v = kv[:, :, 0], kv[:, :, 1]
+        q, k, v = adapted(self, "q", x, q), adapted(self, "k", x, k), adapted(self, "v", x, v)
         if self.cfg.attention_bias:
             q = q + self.q_bias[...].astype(cd)
             k = k + self.k_bias[...].astype(cd)
@@ -167,7 +177,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def out(self, o: jax.Array) -> jax.Array:
-        y = dense(o, self.o_proj[...].astype(o.dtype), n_in=2)
+        y = adapted(self, "o", o, dense(o, self.o_proj[...].astype(o.dtype), n_in=2), n_in=2)
         if self.cfg.attention_bias and self.cfg.architecture != "qwen2":
             y = y + self.o_bias[...].astype(o.dtype)
         return y
@@ -184,7 +194,9 @@ class MLP(nnx.Module):
         cd = x.dtype
         # gate and up stacked on a new unsharded axis: one [H, 2, I] matmul.
         gu = dense(x, jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(cd))
-        return dense(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], self.down_proj[...].astype(cd))
+        g, u = adapted(self, "gate", x, gu[..., 0, :]), adapted(self, "up", x, gu[..., 1, :])
+        mid = jax.nn.silu(g) * u
+        return adapted(self, "down", mid, dense(mid, self.down_proj[...].astype(cd)))
 
 
 class DecoderLayer(nnx.Module):

@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),   # LoRA adapters (models/lora.py): A [in, r], B [r, out] follow their in/out axes
 )
 
 
