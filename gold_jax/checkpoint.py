@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gold_jax import jsonsafe
+from gold_jax.distributed import check_same_host_state, pack_per_process, unpack_per_process  # H6
 
 
 def _pack_pending(batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -58,10 +59,14 @@ class Checkpointer:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: Any, host: dict[str, Any], pending: list[dict[str, np.ndarray]]) -> None:
+        # Multi-process (H6): the state's shards are written by their own process; the host JSON by
+        # process 0 (checked equal everywhere); the queued batches, which hold each process's rows,
+        # gathered and written once by process 0.
+        check_same_host_state(host)
         self._mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             host=ocp.args.JsonSave(jsonsafe.encode(host)),
-            pending=ocp.args.StandardSave(_pack_pending(pending))))
+            pending=ocp.args.StandardSave(pack_per_process(_pack_pending(pending)))))
         self._mgr.wait_until_finished()
 
     def restore(self, step: int | None, state_like: Any) -> tuple[Any, dict[str, Any], list[dict[str, np.ndarray]]]:
@@ -76,7 +81,7 @@ class Checkpointer:
                 pending=ocp.args.StandardRestore()))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore chain dozens of frames: one message instead
             raise CorruptCheckpointError(self._corrupt_message(step, e)) from None
-        return out["state"], jsonsafe.decode(out["host"]), _unpack_pending(out["pending"])
+        return out["state"], jsonsafe.decode(out["host"]), _unpack_pending(unpack_per_process(out["pending"]))
 
     def _corrupt_message(self, step: int, err: BaseException) -> str:
         step_dir = os.path.join(self.directory, str(step))

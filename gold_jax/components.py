@@ -28,11 +28,8 @@ from gold_jax.teacher.handle import TeacherHandle
 
 def maybe_init_distributed(cfg: ml_collections.ConfigDict) -> None:
     """jax.distributed.initialize for multi-host runs (before any device is touched)."""
-    d = cfg.distributed
-    if d.coordinator_address or d.num_processes > 1:
-        jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                                   num_processes=d.num_processes or None,
-                                   process_id=d.process_id if d.process_id >= 0 else None)
+    from gold_jax import distributed   # H6: initialize, then check every process has the same config
+    distributed.initialize(cfg)
 
 
 def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
