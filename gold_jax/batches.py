@@ -40,6 +40,8 @@ class PendingBatch:
             raise RuntimeError(f"batch for step {self.step} has no teacher scores yet")
         out = {f"seq.{k}": getattr(self.seq, k) for k in _SEQ_KEYS}
         out.update({f"scores.{k}": getattr(self.scores, k) for k in _SCORE_KEYS if getattr(self.scores, k) is not None})
+        if getattr(self.scores, "hidden", None) is not None:   # H7: bfloat16 as its raw bits
+            out["scores.hidden_bits"] = np.ascontiguousarray(self.scores.hidden).view(np.uint16)
         out["meta"] = np.asarray([self.step, int(self.on_policy)], np.int64)
         out["gen_time"] = np.asarray(self.gen_time, np.float64)
         return out
@@ -49,6 +51,9 @@ class PendingBatch:
         seq = SequenceBatch(*(np.asarray(d[f"seq.{k}"]) for k in _SEQ_KEYS))
         scores = TeacherScores(*(None if f"scores.{k}" not in d else np.asarray(d[f"scores.{k}"])
                                  for k in _SCORE_KEYS))
+        if "scores.hidden_bits" in d:
+            import ml_dtypes
+            scores.hidden = np.asarray(d["scores.hidden_bits"], np.uint16).view(ml_dtypes.bfloat16)
         step, on_policy = (int(x) for x in np.asarray(d["meta"]))
         return cls(step, bool(on_policy), seq, float(np.asarray(d["gen_time"])), scores=scores)
 
@@ -61,15 +66,21 @@ def seq_from_data(data: dict[str, np.ndarray]) -> SequenceBatch:
 def train_arrays(seq: SequenceBatch, scores: TeacherScores) -> dict[str, np.ndarray]:
     """The train step's input dict (gold_jax.train_step.loss_sum) for one batch."""
     out = {"input_ids": seq.input_ids.astype(np.int32), "attention_mask": seq.attention_mask.astype(np.int32),
-           "completion_mask": seq.completion_mask.astype(np.int32),
-           "teacher_logprobs": np.asarray(scores.logprobs, np.float32)}
+           "completion_mask": seq.completion_mask.astype(np.int32)}
+    # H7: a colocated teacher sends nothing (the step runs it); a hidden-state teacher sends hidden states.
+    hidden = getattr(scores, "hidden", None)
+    if hidden is not None:
+        out["teacher_hidden"] = hidden
+    elif scores.logprobs is not None:
+        out["teacher_logprobs"] = np.asarray(scores.logprobs, np.float32)
     if scores.ids is not None:  # top-k rows; full rows (top_k = 0) have no ids
         out["teacher_ids"] = np.asarray(scores.ids, np.int32)
         out["teacher_logmass"] = np.asarray(scores.topk_logmass, np.float32)
     r = seq.completion_ids.shape[1]
-    if out["teacher_logprobs"].shape[:2] != (seq.completion_ids.shape[0], r):
-        raise ValueError(f"teacher scores have shape {out['teacher_logprobs'].shape}, expected "
-                         f"[{seq.completion_ids.shape[0]}, {r}, k] for the completion span")
+    for k in ("teacher_logprobs", "teacher_hidden"):
+        if k in out and out[k].shape[:2] != (seq.completion_ids.shape[0], r):
+            raise ValueError(f"teacher scores {k} have shape {out[k].shape}, expected "
+                             f"[{seq.completion_ids.shape[0]}, {r}, ...] for the completion span")
     return out
 
 

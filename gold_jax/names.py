@@ -13,6 +13,8 @@ TEACHER_BACKENDS = ("jax", "vllm")                              # gold_jax.teach
 MODEL_DTYPES = ("float32", "bfloat16", "float16")               # gold_jax.models.config
 LR_SCHEDULES = ("cosine", "linear", "constant")                 # gold_jax.train_step.make_schedule
 TOPK_MODES = ("tail", "renormalize")                            # gold_jax.losses (top-k teacher)
+TEACHER_MODES = ("server", "colocated")                         # gold_jax.components.connect_teacher
+TEACHER_SIGNALS = ("topk", "full", "hidden")                    # gold_jax.losses.registry.SIGNALS
 REDUCTIONS = ("batchmean", "sum", "mean", "none")               # gold_jax.losses
 # The vllm teacher backend serves full rows (gold.top_k=0) and temperatures != 1 only up to this
 # embedding size (gold_jax.teacher.backends.vllm_backend); config validation checks it early.

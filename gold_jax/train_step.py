@@ -21,6 +21,7 @@ from gold_jax.losses import registry
 from gold_jax.losses.registry import LossSpec
 from gold_jax.names import LR_SCHEDULES
 from gold_jax.sharding.rules import BATCH_AXES
+from gold_jax.teacher.colocated import StepTeacher, teacher_fields
 
 
 class TrainState(NamedTuple):
@@ -126,15 +127,19 @@ def _model(graphdef: Any, params: Any, frozen: Any, dtype: str, dropout_key: jax
 def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec: LossSpec,
                    n_micro: int, mesh: Mesh | None = None,
                    loss_fn: Callable | None = None, frozen: Any = None,
-                   dropout_key: jax.Array | None = None) -> tuple[jax.Array, Any, jax.Array]:
+                   dropout_key: jax.Array | None = None, teacher: Any = None,
+                   teacher_graphdef: Any = None) -> tuple[jax.Array, Any, jax.Array]:
     """(loss, grads, n_tokens): mean JSD over all completion tokens of the step and its gradient.
 
-    With a LoRA student `params` are the adapters (the only leaves differentiated) and `frozen` the base."""
+    With a LoRA student `params` are the adapters (the only leaves differentiated) and `frozen` the base.
+    `teacher`: the arrays of a teacher held by the step (gold_jax.teacher.colocated.StepTeacher), added to
+    each micro-batch; a colocated teacher's forward runs here, on the micro-batch it scores."""
     loss_fn = loss_fn or loss_sum
     n_tok = jnp.maximum(batch["completion_mask"].astype(jnp.float32).sum(), 1.0)
 
     def f(p, mb):
         model = _model(graphdef, p, frozen, spec.dtype, dropout_key)
+        mb = teacher_fields(teacher_graphdef, teacher, mb)
         return loss_fn(model, mb, spec, mesh) / n_tok
 
     vg = jax.value_and_grad(f)
@@ -153,9 +158,11 @@ def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any, tx: optax.GradientTransformation,
                schedule: optax.Schedule, spec: LossSpec, n_micro: int, mesh: Mesh | None = None,
                loss_fn: Callable | None = None, frozen: Any = None,
-               dropout_seed: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               dropout_seed: int | None = None, teacher: Any = None,
+               teacher_graphdef: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
     key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
-    loss, grads, n_tok = grads_and_loss(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn, frozen, key)
+    loss, grads, n_tok = grads_and_loss(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn, frozen, key,
+                                        teacher, teacher_graphdef)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -170,12 +177,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
 
 
 def eval_loss(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, spec: LossSpec,
-              mesh: Mesh | None = None, frozen: Any = None) -> tuple[jax.Array, jax.Array]:
+              mesh: Mesh | None = None, frozen: Any = None, teacher: Any = None,
+              teacher_graphdef: Any = None) -> tuple[jax.Array, jax.Array]:
     """(sum, n_tokens) of the JSD on a batch: validation (LoRA dropout off)."""
     model = _model(graphdef, params, frozen, spec.dtype)
     if frozen is not None:
         model.eval()
-    return loss_sum(model, batch, spec, mesh), batch["completion_mask"].astype(jnp.float32).sum()
+    n = batch["completion_mask"].astype(jnp.float32).sum()
+    return loss_sum(model, teacher_fields(teacher_graphdef, teacher, batch), spec, mesh), n
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -186,17 +195,23 @@ def state_shardings(state: TrainState) -> Any:
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def jit_train_step(state: TrainState, *, mesh: Mesh, frozen: Any = None, **kw: Any) -> Callable:
+def jit_train_step(state: TrainState, *, mesh: Mesh, frozen: Any = None, teacher: StepTeacher | None = None,
+                   **kw: Any) -> Callable:
     """jit with the state's own shardings in and out, donating the old state.
 
-    A LoRA student's `frozen` base weights go in as a separate, non-donated argument."""
+    A LoRA student's `frozen` base weights and a `teacher` held by the step (a colocated model,
+    or a remote teacher's head) go in as separate, non-donated arguments with their own shardings."""
     shard = state_shardings(state)
-    if frozen is not None:
-        def fn_lora(s, b, f):
-            return train_step(s, b, mesh=mesh, frozen=f, **kw)
-        jitted = jax.jit(fn_lora, in_shardings=(shard, batch_sharding(mesh), state_shardings(frozen)),
+    held = {k: v for k, v in (("frozen", frozen), ("teacher", None if teacher is None else teacher.arrays))
+            if v is not None}
+    if teacher is not None:
+        kw["teacher_graphdef"] = teacher.graphdef
+    if held:
+        def fn_held(s, b, x):
+            return train_step(s, b, mesh=mesh, **x, **kw)
+        jitted = jax.jit(fn_held, in_shardings=(shard, batch_sharding(mesh), state_shardings(held)),
                          out_shardings=(shard, None), donate_argnums=(0,))
-        return lambda s, b: jitted(s, b, frozen)
+        return lambda s, b: jitted(s, b, held)
     def fn(s, b):
         return train_step(s, b, mesh=mesh, **kw)
     return jax.jit(fn, in_shardings=(shard, batch_sharding(mesh)), out_shardings=(shard, None),

@@ -51,3 +51,6 @@ class TeacherScores:
     ids: np.ndarray | None             # [B, R, k] int32 top-k token ids; None for full rows
     topk_logmass: np.ndarray | None    # [B, R] float32 exact log of the top-k set's total mass; None for full rows
     token_logprob: np.ndarray          # [B, R] float32 log-prob of the completion token that actually follows
+    # H7: signal "hidden": [B, R, H] bfloat16 final normed hidden states (logprobs, ids, token_logprob None);
+    # a colocated teacher sends nothing at all (every field None: the train step runs it).
+    hidden: np.ndarray | None = None

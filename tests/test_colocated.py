@@ -104,3 +104,52 @@ def test_colocated_sharded_equals_unsharded(models, devices, mesh_shape):
     np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
     for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_1)):
         np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-5 * float(np.abs(g1).max()) + 1e-9)
+
+
+def test_colocated_run_equals_server_full_rows_run(tiny_run_config, tmp_path):
+    """Same teacher, same batches (λ = 0): the colocated run's first loss (θ_0) equals the dense loss on the
+    server's full rows (gold.top_k=0). The colocated run uses one_step_off (queued batches are scored by the
+    step that trains on them), and its evaluation runs the teacher too."""
+    import os
+
+    from gold_jax.metrics import read_jsonl
+    from gold_jax.trainer import Trainer
+    common = {"trainer.max_steps": 2, "gold.lmbda": 0.0, "checkpoint.enabled": False}
+    server = tiny_run_config(tmp_path / "server", **common, **{"gold.top_k": 0, "trainer.scheduler": "sync"})
+    coloc = tiny_run_config(tmp_path / "colocated", **common, **{"teacher.mode": "colocated",
+                                                                 "trainer.scheduler": "one_step_off"})
+    out = {}
+    for name, cfg in (("server", server), ("colocated", coloc)):
+        last = Trainer(cfg).run()
+        out[name] = (read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl")), last)
+    (srv, srv_last), (col, col_last) = out["server"], out["colocated"]
+    assert [r["step"] for r in col] == [1, 2]
+    np.testing.assert_allclose(col[0]["actor/jsd_loss"], srv[0]["actor/jsd_loss"], rtol=1e-5)
+    assert col[0]["actor/jsd_loss"] > 1e-3
+    np.testing.assert_allclose(col[1]["actor/jsd_loss"], srv[1]["actor/jsd_loss"], rtol=1e-3)
+    np.testing.assert_allclose(col_last["eval/jsd_loss"], srv_last["eval/jsd_loss"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("over,keys", [
+    ({"teacher.mode": "colocated", "loss.impl": "topk"}, ("loss.impl", "teacher.mode")),
+    ({"gold.teacher_signal": "hidden", "loss.impl": "dense"}, ("loss.impl", "gold.teacher_signal")),
+    ({"teacher.mode": "colocated", "gold.seq_kd": True}, ("teacher.mode", "gold.seq_kd")),
+    ({"teacher.mode": "colocated", "gold.teacher_signal": "full"}, ("teacher.mode", "gold.teacher_signal")),
+    ({"teacher.mode": "colocated", "teacher.address": "tcp://127.0.0.1:1"}, ("teacher.mode", "teacher.address")),
+    ({"gold.teacher_signal": "hidden", "teacher.backend": "vllm"}, ("gold.teacher_signal", "teacher.backend")),
+    ({"teacher.mode": "inline"}, ("teacher.mode",)),
+    ({"gold.teacher_signal": "logits"}, ("gold.teacher_signal",)),
+])
+def test_config_names_the_keys(tiny_run_config, tmp_path, over, keys):
+    from gold_jax import config as config_lib
+    cfg = tiny_run_config(tmp_path, **over)
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(cfg)
+    assert all(f"config.{k}" in str(e.value) for k in keys), str(e.value)
+
+
+def test_config_accepts_colocated_and_hidden(tiny_run_config, tmp_path):
+    from gold_jax import config as config_lib
+    for over in ({"teacher.mode": "colocated"}, {"teacher.mode": "colocated", "loss.impl": "fused"},
+                 {"gold.teacher_signal": "hidden"}):
+        config_lib.validate(tiny_run_config(tmp_path, **over))

@@ -75,6 +75,9 @@ def vocab_parallel_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.
 def fused_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], spec: LossSpec,
                    mesh: Mesh | None) -> jax.Array:
     w = model.lm_head_weight().astype(hidden.dtype)
+    if "teacher_hidden" in batch:   # hidden signal: teacher logits built chunk by chunk from its head
+        return fused_jsd(hidden, w, None, None, _mask(batch), mode="hidden", teacher_hidden=batch["teacher_hidden"],
+                         teacher_head=batch["teacher_head"], chunk_size=spec.chunk_size, **_kw(spec))
     if is_full(batch):
         t_lp = full_rows(batch, model.config.vocab_size)
         return fused_jsd(hidden, w, None, None, _mask(batch), mode="dense", teacher_logits=t_lp * spec.temperature,

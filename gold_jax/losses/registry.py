@@ -32,6 +32,11 @@ SIGNALS: dict[str, Signal] = {
     "topk": Signal(("teacher_logprobs", "teacher_ids", "teacher_logmass"),
                    "k log-probs at temperature T, their ids, the exact log-mass of the set"),
     "full": Signal(("teacher_logprobs",), "full rows of log-probs at temperature T (gold.top_k=0)"),
+    # The step adds "teacher_head" [Ht, V] (and, colocated, computes teacher_hidden itself):
+    # gold_jax.teacher.colocated.teacher_fields.
+    "hidden": Signal(("teacher_hidden",), "the teacher's final normed hidden states (bfloat16 on the wire, or "
+                     "computed in the step with teacher.mode='colocated'); teacher logits are built chunk by "
+                     "chunk in the fused loss from the teacher's head: the exact dense JSD"),
 }
 
 
@@ -61,7 +66,7 @@ _ADAPTERS = "gold_jax.losses.adapters"
 LOSSES: dict[str, LossImpl] = {
     "topk": LossImpl(f"{_ADAPTERS}:topk_loss_sum", ("topk",),
                      doc="top-k JSD (tail bucket or renormalised) on materialised logits"),
-    "fused": LossImpl(f"{_ADAPTERS}:fused_loss_sum", ("topk", "full"),
+    "fused": LossImpl(f"{_ADAPTERS}:fused_loss_sum", ("topk", "full", "hidden"),
                       doc="chunked lm-head + JSD: logits never exist for all tokens at once"),
     "vocab_parallel": LossImpl(f"{_ADAPTERS}:vocab_parallel_loss_sum", ("topk", "full"), needs_mesh=True,
                                doc="logits' vocab axis sharded over the tensor axis (shard_map, psum/pmax)"),
@@ -89,15 +94,20 @@ class LossSpec:
     vocab_size: int | None = None  # tokenizer size: logit columns at or past it are embedding padding
 
 
-def teacher_signal(top_k: int) -> str:
-    """The signal a config asks the teacher for: full rows when gold.top_k == 0."""
-    return "full" if int(top_k) == 0 else "topk"
+def teacher_signal(top_k: int, signal: str = "topk", mode: str = "server") -> str:
+    """The signal a config trains on: hidden states for a colocated teacher or gold.teacher_signal="hidden",
+    full rows for gold.teacher_signal="full" or gold.top_k == 0, else top-k."""
+    if mode == "colocated" or signal == "hidden":
+        return "hidden"
+    return "full" if signal == "full" or int(top_k) == 0 else "topk"
 
 
 def resolve_impl(impl: str, signal: str, tensor: int) -> str:
     """loss.impl with "auto" replaced: dense for full rows, vocab_parallel when the vocab is split, else topk."""
     if impl != "auto":
         return impl
+    if signal == "hidden":
+        return "fused"   # the only loss that builds teacher logits from hidden states
     if signal == "full":
         return "dense"
     return "vocab_parallel" if tensor > 1 else "topk"

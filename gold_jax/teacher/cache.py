@@ -41,20 +41,23 @@ class CachedScorer:
 
     # -------------------------------------------------------------- keys and files
     @staticmethod
-    def _key(prompt: np.ndarray, completion: np.ndarray, top_k: int, temperature: float) -> str:
+    def _key(prompt: np.ndarray, completion: np.ndarray, top_k: int, temperature: float,
+             signal: str = "logprobs") -> str:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(prompt, np.int32).tobytes())
         h.update(b"|")
         h.update(np.ascontiguousarray(completion, np.int32).tobytes())
         h.update(f"|{int(top_k)}|{float(temperature)!r}".encode())
+        if signal != "logprobs":   # H7: hidden states (keys of log-prob rows are unchanged)
+            h.update(f"|{signal}".encode())
         return h.hexdigest()
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, key[:2], key + ".npz")
 
-    def _row_keys(self, seq: SequenceBatch, top_k: int, temperature: float) -> list[str]:
+    def _row_keys(self, seq: SequenceBatch, top_k: int, temperature: float, signal: str = "logprobs") -> list[str]:
         return [self._key(seq.prompt_ids[i][seq.prompt_mask[i] == 1], seq.completion_ids[i][seq.completion_mask[i] == 1],
-                          top_k, temperature) for i in range(seq.prompt_ids.shape[0])]
+                          top_k, temperature, signal) for i in range(seq.prompt_ids.shape[0])]
 
     def _load(self, key: str) -> dict[str, np.ndarray] | None:
         path = self._path(key)
@@ -70,7 +73,10 @@ class CachedScorer:
     def _store(self, keys: list[str], seq: SequenceBatch, s: TeacherScores) -> None:
         for i, key in enumerate(keys):
             n = int(seq.completion_mask[i].sum())
-            row = {"logprobs": s.logprobs[i, :n], "token_logprob": s.token_logprob[i, :n]}
+            if getattr(s, "hidden", None) is not None:
+                row = {"hidden_bits": np.ascontiguousarray(s.hidden[i, :n]).view(np.uint16)}
+            else:
+                row = {"logprobs": s.logprobs[i, :n], "token_logprob": s.token_logprob[i, :n]}
             if s.ids is not None:
                 row.update(ids=s.ids[i, :n], topk_logmass=s.topk_logmass[i, :n])
             path = self._path(key)
@@ -83,6 +89,12 @@ class CachedScorer:
     def _assemble(rows: list[dict[str, np.ndarray]], seq: SequenceBatch) -> TeacherScores:
         """Pad rows to the batch's completion length with finite filler (masked out of the loss)."""
         b, r = seq.completion_ids.shape
+        if "hidden_bits" in rows[0]:   # H7: zero filler past each row's completion (masked out of the loss)
+            import ml_dtypes
+            hid = np.zeros((b, r, rows[0]["hidden_bits"].shape[-1]), np.uint16)
+            for i, row in enumerate(rows):
+                hid[i, :row["hidden_bits"].shape[0]] = row["hidden_bits"]
+            return TeacherScores(None, None, None, None, hidden=hid.view(ml_dtypes.bfloat16))
         width = rows[0]["logprobs"].shape[-1]
         lp = np.full((b, r, width), -np.log(width), np.float32)   # uniform filler: finite values and grads
         tok = np.zeros((b, r), np.float32)
@@ -97,10 +109,12 @@ class CachedScorer:
         return TeacherScores(logprobs=lp, ids=ids, topk_logmass=mass, token_logprob=tok)
 
     # -------------------------------------------------------------- TeacherClient interface
-    def score(self, seq: SequenceBatch, *, top_k: int, temperature: float, cache: bool = True) -> Future:
+    def score(self, seq: SequenceBatch, *, top_k: int, temperature: float, cache: bool = True,
+              signal: str = "logprobs") -> Future:
+        sig = {} if signal == "logprobs" else {"signal": signal}
         if not cache:
-            return self.client.score(seq, top_k=top_k, temperature=temperature)
-        keys = self._row_keys(seq, top_k, temperature)
+            return self.client.score(seq, top_k=top_k, temperature=temperature, **sig)
+        keys = self._row_keys(seq, top_k, temperature, signal)
         rows = [self._load(k) for k in keys]
         if all(r is not None for r in rows):
             self.hits += len(rows)
@@ -119,7 +133,7 @@ class CachedScorer:
                 return
             out.set_result(s)
 
-        self.client.score(seq, top_k=top_k, temperature=temperature).add_done_callback(done)
+        self.client.score(seq, top_k=top_k, temperature=temperature, **sig).add_done_callback(done)
         return out
 
     def generate(self, *args: Any, **kw: Any) -> Future:

@@ -19,17 +19,23 @@ from gold_jax.types import SequenceBatch
 class TeacherHandle:
     """Scores at the run's fixed top-k and temperature; owns (and closes) what it wraps."""
 
-    def __init__(self, client: Any, *, top_k: int, temperature: float, cache: Any = None, server: Any = None):
+    def __init__(self, client: Any, *, top_k: int, temperature: float, cache: Any = None, server: Any = None,
+                 signal: str = "logprobs", step_teacher: Any = None):
         """`client`: a TeacherClient; `cache`: a CachedScorer over it or None; `server`: an embedded
         LocalTeacher or None."""
         self.client, self.cache, self.server = client, cache, server
         self.top_k, self.temperature = int(top_k), float(temperature)
+        # H7: signal "hidden" asks for hidden states; step_teacher holds the teacher's head for the step.
+        self.signal, self.step_teacher = signal, step_teacher
 
     def score(self, seq: SequenceBatch, *, cacheable: bool = False) -> Future:
         """Future of TeacherScores. `cacheable`: rows whose tokens recur (dataset completions, not samples)."""
         if cacheable and self.cache is not None:
-            return self.cache.score(seq, top_k=self.top_k, temperature=self.temperature, cache=True)
-        return self.client.score(seq, top_k=self.top_k, temperature=self.temperature)
+            return self.cache.score(seq, top_k=self.top_k, temperature=self.temperature, cache=True, **self._sig())
+        return self.client.score(seq, top_k=self.top_k, temperature=self.temperature, **self._sig())
+
+    def _sig(self) -> dict[str, str]:
+        return {} if self.signal == "logprobs" else {"signal": self.signal}
 
     def generate(self, *args: Any, **kw: Any) -> Future:
         """Teacher-sampled completions (gold.seq_kd); see TeacherClient.generate."""

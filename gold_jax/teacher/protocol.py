@@ -24,14 +24,17 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
 import msgpack
 import numpy as np
 
 from gold_jax.types import RolloutResult, SequenceBatch, TeacherScores
 
 PROTOCOL_VERSION = 1
-OPS = ("info", "score", "generate", "ping")
-DTYPES = {"int32": np.dtype("<i4"), "float32": np.dtype("<f4")}
+OPS = ("info", "score", "generate", "ping", "head")
+# bfloat16 travels as its raw 16 bits (little-endian), like the others.
+DTYPES = {"int32": np.dtype("<i4"), "float32": np.dtype("<f4"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+SIGNALS = ("logprobs", "hidden")   # what a score reply carries: top-k / full rows, or final hidden states
 
 MAX_MESSAGE_BYTES = 256 << 20   # whole request, header plus arrays
 MAX_HEADER_BYTES = 64 << 10
@@ -81,12 +84,14 @@ def _array_specs(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:
         if a is None:
             continue
         a = np.asarray(a)
-        dt = {np.dtype(np.int32): "int32", np.dtype(np.float32): "float32"}.get(a.dtype.newbyteorder("="))
+        dt = {np.dtype(np.int32): "int32", np.dtype(np.float32): "float32",
+              np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(a.dtype.newbyteorder("="))
         if dt is None:
-            raise TypeError(f"array {name!r}: dtype {a.dtype} is not sendable (int32 or float32 only)")
+            raise TypeError(f"array {name!r}: dtype {a.dtype} is not sendable (int32, float32 or bfloat16 only)")
         a = np.ascontiguousarray(a, dtype=DTYPES[dt])
         specs.append([name, dt, list(a.shape)])
-        frames.append(memoryview(a).cast("B") if a.size else b"")
+        raw = a.view(np.uint16) if dt == "bfloat16" else a   # Python buffers know no bfloat16
+        frames.append(memoryview(raw).cast("B") if a.size else b"")
     return specs, frames
 
 
@@ -158,7 +163,7 @@ def _decode_arrays(specs: Any, bufs: Sequence[Any]) -> dict[str, np.ndarray]:
         _check(isinstance(name, str) and len(name) <= 64 and name not in arrays,
                f"bad or duplicate array name {str(name)[:64]!r}")
         _check(isinstance(dt, str) and dt in DTYPES, f"array {name!r}: dtype {str(dt)[:32]!r} not allowed "
-               f"(int32, float32)")
+               f"({', '.join(DTYPES)})")
         _check(isinstance(shape, list) and len(shape) <= 4 and all(_is_int(d) and 0 <= d < 1 << 31 for d in shape),
                f"array {name!r}: bad shape {str(shape)[:64]}")
         nbytes = math.prod(shape) * DTYPES[dt].itemsize
@@ -363,16 +368,24 @@ def validate_score(msg: Message, info: Mapping) -> dict[str, Any]:
     if cs is not None:
         cs = _int(msg.args, "completion_start", 1, ids.shape[1] - 1)
     rows = ids.shape[1] - (cs if cs is not None else 1)
-    width = top_k or info["vocab_size"]
-    _check(ids.shape[0] * rows * width <= MAX_MESSAGE_BYTES // 8,
+    signal = msg.args.get("signal", "logprobs")
+    _check(signal in SIGNALS, f"'signal' must be one of {SIGNALS}, got {str(signal)[:32]!r}")
+    if signal == "hidden":
+        _check(bool(info.get("hidden_size")), "this teacher does not serve hidden states (no hidden_size in info)")
+        width = info["hidden_size"] // 4   # bfloat16: half of a float32 value, counted in 8-byte units below
+    else:
+        width = top_k or info["vocab_size"]
+    _check(ids.shape[0] * rows * max(width, 1) <= MAX_MESSAGE_BYTES // 8,
            f"reply of {ids.shape[0]}x{rows}x{width} values is too large; lower top_k or the batch")
-    return dict(input_ids=ids, attention_mask=mask, top_k=top_k, temperature=temperature, completion_start=cs)
+    return dict(input_ids=ids, attention_mask=mask, top_k=top_k, temperature=temperature, completion_start=cs,
+                signal=signal)
 
 
 def batch_key(score_args: Mapping[str, Any]) -> tuple:
     """Checked score requests with equal keys can be concatenated into one backend call."""
     a = score_args
-    return ("score", a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1])
+    return ("score", a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1],
+            a.get("signal", "logprobs"))
 
 
 @_checked
@@ -387,14 +400,47 @@ def validate_generate(msg: Message, info: Mapping) -> dict[str, Any]:
                 seed=_int(msg.args, "seed", -(1 << 62), 1 << 62))
 
 
+HEAD_MAX_BYTES = MAX_MESSAGE_BYTES // 2   # one `head` reply: a slice of the head's columns
+
+
+@_checked
+def validate_head(msg: Message, info: Mapping) -> dict[str, Any]:
+    """Checked `head` arguments: columns [start, start + count) of the teacher's lm head [H, V]."""
+    h, v = info.get("hidden_size"), info.get("embedding_size")
+    _check(bool(h), "this teacher does not serve its head (no hidden_size in info)")
+    start = _int(msg.args, "start", 0, v - 1)
+    count = _int(msg.args, "count", 1, v - start)
+    _check(count * h * 4 <= HEAD_MAX_BYTES, f"head slice of {count} columns is too large; at most "
+           f"{HEAD_MAX_BYTES // (4 * h)} per request")
+    return dict(start=start, count=count)
+
+
+def head_from_message(msg: Message, *, hidden_size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(head columns [H, count], final norm [H]) of a `head` reply."""
+    w, n = msg.arrays.get("head"), msg.arrays.get("norm")
+    _check(w is not None and n is not None, "head reply lacks 'head' or 'norm'")
+    _check(w.shape == (hidden_size, count) and n.shape == (hidden_size,),
+           f"head reply has shapes {w.shape} and {n.shape}, expected ({hidden_size}, {count}) and ({hidden_size},)")
+    _check(w.dtype != np.int32 and n.dtype != np.int32, "head reply must be floating point")
+    return w, n
+
+
 # ------------------------------------------------------- containers <-> arrays
 
 def scores_to_arrays(s: TeacherScores) -> dict[str, np.ndarray]:
-    return {"logprobs": s.logprobs, "ids": s.ids, "topk_logmass": s.topk_logmass, "token_logprob": s.token_logprob}
+    return {"logprobs": s.logprobs, "ids": s.ids, "topk_logmass": s.topk_logmass, "token_logprob": s.token_logprob,
+            "hidden": getattr(s, "hidden", None)}
 
 
-def scores_from_message(msg: Message, *, batch: int, rows: int, top_k: int) -> TeacherScores:
+def scores_from_message(msg: Message, *, batch: int, rows: int, top_k: int,
+                        signal: str = "logprobs", hidden_size: int | None = None) -> TeacherScores:
     a = msg.arrays
+    if signal == "hidden":
+        h = a.get("hidden")
+        _check(h is not None and h.dtype == DTYPES["bfloat16"], "score reply lacks bfloat16 'hidden' states")
+        _check(h.ndim == 3 and h.shape[:2] == (batch, rows) and (hidden_size is None or h.shape[2] == hidden_size),
+               f"score reply 'hidden' has shape {h.shape}, expected ({batch}, {rows}, {hidden_size or 'H'})")
+        return TeacherScores(logprobs=None, ids=None, topk_logmass=None, token_logprob=None, hidden=h)
     lp, tok = a.get("logprobs"), a.get("token_logprob")
     _check(lp is not None and tok is not None, "score reply lacks 'logprobs' or 'token_logprob'")
     _check(lp.dtype == np.float32 and tok.dtype == np.float32, "score reply log-probs must be float32")

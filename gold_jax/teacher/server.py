@@ -151,6 +151,9 @@ class TeacherServer:
             if msg.op == "score":
                 a = P.validate_score(msg, self.info)
                 task = _Task(msg.id, msg.op, frames, P.batch_key(a), a["input_ids"].size)
+            elif msg.op == "head":   # H7
+                P.validate_head(msg, self.info)
+                task = _Task(msg.id, msg.op, frames, None, 0)
             else:
                 P.validate_generate(msg, self.info)
                 task = _Task(msg.id, msg.op, frames, None, 0)

@@ -25,6 +25,7 @@ import zmq
 from gold_jax import cli_errors
 from gold_jax.teacher import protocol as P
 from gold_jax.teacher.backends.base import TeacherBackend, check_info
+from gold_jax.types import TeacherScores
 
 log = logging.getLogger("gold_jax.teacher.worker")
 
@@ -40,6 +41,11 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
             rid = msg.id
             if msg.op == "score":
                 scores.append((i, rid, P.validate_score(msg, info)))
+            elif msg.op == "head":   # H7: a slice of the lm head's columns, and the final norm
+                a = P.validate_head(msg, info)
+                w, n = backend.head()
+                replies[i] = P.encode_reply(rid, arrays={"head": w[:, a["start"]:a["start"] + a["count"]],
+                                                         "norm": n})
             elif msg.op == "generate":
                 r = backend.generate(**P.validate_generate(msg, info))
                 replies[i] = P.encode_reply(rid, arrays=P.rollout_to_arrays(r))
@@ -55,11 +61,14 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
     groups: dict[tuple, list] = {}
     for item in scores:
         groups.setdefault(P.batch_key(item[2]), []).append(item)
-    for (_, top_k, temp, cs, _), items in groups.items():
+    for (_, top_k, temp, cs, _, signal), items in groups.items():
         try:
             ids = np.concatenate([a["input_ids"] for _, _, a in items])
             mask = np.concatenate([a["attention_mask"] for _, _, a in items])
-            s = backend.score(ids, mask, top_k=top_k, temperature=temp, completion_start=cs)
+            if signal == "hidden":   # H7: final normed hidden states, bfloat16
+                s = TeacherScores(None, None, None, None, hidden=backend.hidden(ids, mask, completion_start=cs))
+            else:
+                s = backend.score(ids, mask, top_k=top_k, temperature=temp, completion_start=cs)
             off = 0
             for i, rid, a in items:
                 b = a["input_ids"].shape[0]

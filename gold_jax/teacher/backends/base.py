@@ -17,6 +17,8 @@ import numpy as np
 from gold_jax.types import RolloutResult, TeacherScores
 
 INFO_KEYS = ("model_name", "vocab_size", "embedding_size", "tokenizer_fingerprint", "max_length", "max_top_k")
+# H7: a backend that serves hidden states (score signal "hidden") and its head (op "head") says so here.
+OPTIONAL_INFO_KEYS = ("hidden_size", "head_checksum")
 
 
 class TeacherBackend(abc.ABC):
@@ -36,6 +38,15 @@ class TeacherBackend(abc.ABC):
                  temperature: float, top_p: float, top_k: int, seed: int) -> RolloutResult:
         """Teacher completions (seq_kd)."""
 
+    def hidden(self, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+               completion_start: int | None) -> np.ndarray:
+        """[B, L - s, H] bfloat16 final normed hidden states at the positions that predict tokens s.. (H7)."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve hidden states")
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lm head [H, V], final norm weight [H]) on the host (H7)."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve its head")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engines / devices."""
 
@@ -53,7 +64,15 @@ def check_info(info: dict[str, Any]) -> dict[str, Any]:
     if info["embedding_size"] < info["vocab_size"]:
         raise ValueError(f"teacher embedding_size {info['embedding_size']} < tokenizer vocab_size "
                          f"{info['vocab_size']}")
-    return {k: info[k] for k in INFO_KEYS}
+    out = {k: info[k] for k in INFO_KEYS}
+    if "hidden_size" in info:
+        h, c = info["hidden_size"], info.get("head_checksum")
+        if not isinstance(h, int) or isinstance(h, bool) or h <= 0:
+            raise ValueError(f"teacher info 'hidden_size' must be a positive int, got {h!r}")
+        if not isinstance(c, str) or len(c) != 64:
+            raise ValueError(f"teacher info 'head_checksum' must be a sha256 hex string, got {str(c)[:64]!r}")
+        out.update(hidden_size=h, head_checksum=c)
+    return out
 
 
 def scores_from_logits_np(logits: np.ndarray, input_ids: np.ndarray, *, top_k: int, temperature: float,

@@ -72,6 +72,17 @@ class JaxBackend(TeacherBackend):
             raise ValueError(f"tokenizer has {self._info['vocab_size']} ids but the model only "
                              f"{cfg.vocab_size} embedding rows")
         graphdef, self._state = nnx.split(model)
+        # H7: hidden states on the wire; the trainer checks its copy of the head against this checksum.
+        from gold_jax.teacher.head import head_checksum, head_from_model
+        self._head = head_from_model(model)
+        self._info.update(hidden_size=cfg.hidden_size, head_checksum=head_checksum(*self._head))
+
+        @partial(jax.jit, static_argnames=("start",))
+        def hidden(state, ids, mask, *, start):
+            h = nnx.merge(graphdef, state).hidden(ids, mask)[:, start - 1:-1]
+            return h.astype(jnp.bfloat16)
+
+        self._hidden = hidden
 
         @partial(jax.jit, static_argnames=("top_k", "start", "vocab_size"))
         def run(state, ids, mask, temperature, *, top_k, start, vocab_size):
@@ -113,6 +124,30 @@ class JaxBackend(TeacherBackend):
         rows = length - start
         lp, top, mass, tok = (None if x is None else np.asarray(x)[:b, :rows] for x in out)
         return TeacherScores(logprobs=lp, ids=top, topk_logmass=mass, token_logprob=tok)
+
+    def _padded(self, input_ids: np.ndarray, attention_mask: np.ndarray, completion_start: int | None):
+        ids = np.asarray(input_ids, np.int32)
+        mask = np.asarray(attention_mask, np.int32)
+        b, length = ids.shape
+        start = 1 if completion_start is None else int(completion_start)
+        if not 1 <= start < length:
+            raise ValueError(f"completion_start={completion_start} must be in [1, {length - 1}]")
+        pb = 1 << max(0, (b - 1).bit_length())
+        pl = _round_up(length, self.length_bucket)
+        ids_p = np.zeros((pb, pl), np.int32)
+        mask_p = np.zeros((pb, pl), np.int32)
+        ids_p[:b, :length], mask_p[:b, :length] = ids, mask
+        ids_p[b:, :length], mask_p[b:, :length] = ids[:1], mask[:1]
+        return ids_p, mask_p, b, length, start
+
+    def hidden(self, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+               completion_start: int | None) -> np.ndarray:
+        ids_p, mask_p, b, length, start = self._padded(input_ids, attention_mask, completion_start)
+        out = self._hidden(self._state, ids_p, mask_p, start=start)
+        return np.asarray(out)[:b, :length - start]
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._head
 
     def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, max_new_tokens: int,
                  temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> RolloutResult:
