@@ -6,6 +6,7 @@ coordinator on 127.0.0.1 and JAX's Gloo CPU collectives (the default CPU collect
 JAX 0.10, `jax_cpu_collectives_implementation="gloo"`). Every child runs under a timeout:
 a disagreement between processes must fail, never hang.
 """
+import collections
 import json
 import os
 import socket
@@ -156,9 +157,10 @@ def test_two_processes_match_one_and_resume(assets, tmp_path):
     print(f"max |2x4 - 1x8| relative loss difference: step 1 {abs(l2[0] / l1[0] - 1):.3g}, "
           f"steps 1-6 {np.abs(l2 / l1 - 1).max():.3g}")
     comps = [json.loads(x) for x in open(two / "completions.jsonl")]
-    per_step = {k: sum(c["step"] == k for c in comps) for k in range(6)}
-    # log_completions_n=2 rows a step, from process 0 only; step index 2 was logged again after the resume.
-    assert all(per_step[k] == 2 for k in (0, 1, 3, 4, 5)) and per_step[2] in (2, 4), per_step
+    per_step = collections.Counter(c["step"] for c in comps)
+    # log_completions_n=2 rows a step, from process 0 only (a second writer would double every
+    # step); the step the killed run logged last may be logged again after the resume.
+    assert len(per_step) == 6 and sorted(per_step.values()) in ([2] * 6, [2] * 5 + [4]), per_step
 
 
 def test_on_policy_with_two_processes_fails_at_start(assets, tmp_path):
