@@ -362,3 +362,22 @@ def test_span_logscale_matches_loop():
     with jax.enable_x64(True):
         got = span_logscale(jnp.asarray(lq), jnp.asarray(span_id), jnp.asarray(base))
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- start-up check
+def test_cross_tokenizer_key_and_refusal_message():
+    from gold_jax import config as config_lib
+    from gold_jax.teacher.client import TeacherClient
+    cfg = config_lib.base_config()
+    assert cfg.gold.cross_tokenizer is False
+    cfg.gold.cross_tokenizer = True
+    with pytest.raises(ValueError, match="gold.cross_tokenizer"):
+        config_lib.validate(cfg)
+
+    class Stub:  # check_student only reads info() and address
+        address = "tcp://127.0.0.1:1"
+
+        def info(self):
+            return {"tokenizer_fingerprint": "teacher-fp", "model_name": "t", "vocab_size": 50}
+    with pytest.raises(ValueError, match="different tokenizer.*gold.cross_tokenizer"):
+        TeacherClient.check_student(Stub(), 50, "student-fp")
