@@ -117,11 +117,15 @@ def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
 
 def _model(graphdef: Any, params: Any, frozen: Any, dtype: str, dropout_key: jax.Array | None = None) -> nnx.Module:
     """The student from its trained `params` and, for a LoRA student, its `frozen` base (models/lora.py)."""
+    if frozen is not None and dropout_key is not None:
+        # LoRA dropout: a fresh mask per step and adapter. The frozen state's RNG keys are replaced
+        # functionally (it is never written back, so its counters alone would repeat the masks).
+        leaves, tree = jax.tree.flatten(frozen)
+        is_key = [jnp.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves]
+        leaves = [jax.random.fold_in(dropout_key, i) if k else x for i, (x, k) in enumerate(zip(leaves, is_key))]
+        frozen = jax.tree.unflatten(tree, leaves)
     states = (_cast(params, dtype),) + (() if frozen is None else (_cast(frozen, dtype),))
-    model = nnx.merge(graphdef, *states)
-    if dropout_key is not None:   # LoRA dropout: a fresh mask per step (the frozen RNG state is never written back)
-        nnx.reseed(model, dropout=dropout_key)
-    return model
+    return nnx.merge(graphdef, *states)
 
 
 def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec: LossSpec,
