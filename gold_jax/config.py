@@ -179,7 +179,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
     _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
-    from gold_jax.models.lora import config_errors as lora_errors   # H9: LoRA keys
+    from gold_jax.lora_config import config_errors as lora_errors   # H9: LoRA keys (no jax import)
     for key, value, problem in lora_errors(cfg.model.lora):
         _check(False, key, value, problem)
     # With LoRA the base weights are frozen (param_dtype may be bfloat16); adapters stay float32.

@@ -129,16 +129,38 @@ class TeacherClient:
                 f"{info['vocab_size']} of the teacher at {self.address}")
         return info
 
-    def score(self, batch: SequenceBatch, *, top_k: int, temperature: float) -> Future:
-        """Future[TeacherScores] for the completion span of `batch` (R rows)."""
+    def score(self, batch: SequenceBatch, *, top_k: int, temperature: float, signal: str = "logprobs") -> Future:
+        """Future[TeacherScores] for the completion span of `batch` (R rows); signal "hidden" (H7): the
+        teacher's final normed hidden states [B, R, H] in bfloat16 instead of log-probs."""
         if not isinstance(batch, SequenceBatch):
             raise TypeError(f"batch must be a SequenceBatch, got {type(batch).__name__}")
         ids = np.asarray(batch.input_ids, np.int32)
         mask = np.asarray(batch.attention_mask, np.int32)
         b, r = ids.shape[0], batch.completion_ids.shape[1]
         args = {"top_k": int(top_k), "temperature": float(temperature), "completion_start": batch.completion_start}
+        if signal != "logprobs":
+            args["signal"] = signal
         return self._call("score", args, {"input_ids": ids, "attention_mask": mask},
-                          lambda m: P.scores_from_message(m, batch=b, rows=r, top_k=int(top_k)))
+                          lambda m: P.scores_from_message(m, batch=b, rows=r, top_k=int(top_k), signal=signal))
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lm head [H, V], final norm [H]) fetched once, in column slices, and checked against the
+        checksum in the teacher's info (H7)."""
+        from gold_jax.teacher.head import check_checksum, head_checksum
+        info = self.info()
+        h, v = info.get("hidden_size"), info["embedding_size"]
+        if not h:
+            raise TeacherRequestError(f"teacher at {self.address} does not serve hidden states or its head")
+        step = max(1, P.HEAD_MAX_BYTES // (4 * h))
+        parts, norm = [], None
+        for start in range(0, v, step):
+            count = min(step, v - start)
+            w, norm = self._wait(self._call("head", {"start": start, "count": count}, {},
+                                            lambda m, c=count: P.head_from_message(m, hidden_size=h, count=c)))
+            parts.append(np.array(w))
+        head = np.concatenate(parts, axis=1)
+        check_checksum(head_checksum(head, norm), info["head_checksum"], f"the teacher at {self.address}")
+        return head, np.array(norm)
 
     def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, max_new_tokens: int,
                  temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> Future:
