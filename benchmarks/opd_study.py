@@ -90,7 +90,7 @@ def diagnostics_overhead(args, n_rep: int = 15) -> dict:
 
     from gold_jax.batches import train_arrays
     from gold_jax.trainer import Trainer, _global, loss_spec
-    from gold_jax.train_step import grads_loss_aux
+    from gold_jax.train_step import grads_and_loss
     from gold_jax.fingerprint import tokenizer_size
     run_dir = os.path.join(args.run_root, "diag_overhead")
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -101,7 +101,7 @@ def diagnostics_overhead(args, n_rep: int = 15) -> dict:
         batch = _global(tr.mesh, train_arrays(pend.seq, pend.scores, **_extra(pend)))
         spec = loss_spec(tr.cfg, tr.mesh, tokenizer_size(tr.tokenizer))
         fns = {on: jax.jit(lambda p, b, s=dataclasses.replace(spec, diagnostics=on):
-                           grads_loss_aux(tr.graphdef, p, b, s, 1, tr.mesh)) for on in (False, True)}
+                           grads_and_loss(tr.graphdef, p, b, s, 1, tr.mesh, with_aux=True)) for on in (False, True)}
         times = {False: [], True: []}
         for on in (False, True):
             jax.block_until_ready(fns[on](tr.state.params, batch))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from gold_jax.onpolicy import behaviour_logprobs, draw_rows, mix_rows
 from gold_jax.types import SequenceBatch, TeacherScores
 
 _SEQ_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
@@ -33,6 +34,14 @@ class PendingBatch:
     gen_time: float
     future: Future | None = None
     scores: TeacherScores | None = None
+    rows: np.ndarray | None = None       # H8: [B] bool, which rows the student sampled (None: all = on_policy)
+    behaviour: np.ndarray | None = None  # H8: [B, R] float32 rollout log-probs of those rows' tokens (0 elsewhere)
+    version: int = -1                    # H8: the step whose weights generated it (gold/staleness); -1 unknown
+
+    def row_flags(self) -> np.ndarray:
+        if self.rows is not None:
+            return np.asarray(self.rows, bool)
+        return np.full((self.seq.prompt_ids.shape[0],), bool(self.on_policy))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Checkpoint form (scores must be resolved): plain numpy arrays only."""
@@ -44,6 +53,10 @@ class PendingBatch:
             out["scores.hidden_bits"] = np.ascontiguousarray(self.scores.hidden).view(np.uint16)
         out["meta"] = np.asarray([self.step, int(self.on_policy)], np.int64)
         out["gen_time"] = np.asarray(self.gen_time, np.float64)
+        out["rows"] = self.row_flags().astype(np.int8)
+        out["version"] = np.asarray(self.version, np.int64)
+        if self.behaviour is not None:
+            out["behaviour"] = np.asarray(self.behaviour, np.float32)
         return out
 
     @classmethod
@@ -55,7 +68,10 @@ class PendingBatch:
             import ml_dtypes
             scores.hidden = np.asarray(d["scores.hidden_bits"], np.uint16).view(ml_dtypes.bfloat16)
         step, on_policy = (int(x) for x in np.asarray(d["meta"]))
-        return cls(step, bool(on_policy), seq, float(np.asarray(d["gen_time"])), scores=scores)
+        return cls(step, bool(on_policy), seq, float(np.asarray(d["gen_time"])), scores=scores,
+                   rows=np.asarray(d["rows"]).astype(bool) if "rows" in d else None,
+                   behaviour=np.asarray(d["behaviour"]) if "behaviour" in d else None,
+                   version=int(np.asarray(d["version"])) if "version" in d else -1)
 
 
 def seq_from_data(data: dict[str, np.ndarray]) -> SequenceBatch:
@@ -63,8 +79,12 @@ def seq_from_data(data: dict[str, np.ndarray]) -> SequenceBatch:
     return SequenceBatch(*(np.asarray(data[k], np.int32) for k in _SEQ_KEYS))
 
 
-def train_arrays(seq: SequenceBatch, scores: TeacherScores) -> dict[str, np.ndarray]:
-    """The train step's input dict (gold_jax.train_step.loss_sum) for one batch."""
+def train_arrays(seq: SequenceBatch, scores: TeacherScores, rows: np.ndarray | None = None,
+                 behaviour: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The train step's input dict (gold_jax.train_step.loss_sum) for one batch.
+
+    rows [B] (H8): 1 where the student sampled the row; behaviour [B, R]: its rollout log-probs.
+    """
     out = {"input_ids": seq.input_ids.astype(np.int32), "attention_mask": seq.attention_mask.astype(np.int32),
            "completion_mask": seq.completion_mask.astype(np.int32)}
     # H7: a colocated teacher sends nothing (the step runs it); a hidden-state teacher sends hidden states.
@@ -76,6 +96,12 @@ def train_arrays(seq: SequenceBatch, scores: TeacherScores) -> dict[str, np.ndar
     if scores.ids is not None:  # top-k rows; full rows (top_k = 0) have no ids
         out["teacher_ids"] = np.asarray(scores.ids, np.int32)
         out["teacher_logmass"] = np.asarray(scores.topk_logmass, np.float32)
+    if scores.token_logprob is not None:   # H8: OPD and the diagnostics read the sampled token's log-prob
+        out["teacher_token_logprob"] = np.asarray(scores.token_logprob, np.float32)
+    if rows is not None:
+        out["on_policy"] = np.asarray(rows, np.float32)
+    if behaviour is not None:
+        out["behaviour_logprob"] = np.asarray(behaviour, np.float32)
     r = seq.completion_ids.shape[1]
     for k in ("teacher_logprobs", "teacher_hidden"):
         if k in out and out[k].shape[:2] != (seq.completion_ids.shape[0], r):
@@ -114,22 +140,36 @@ class BatchProducer:
         """The batch for `step` with its scoring request sent, or END_OF_DATA when the epochs are used up."""
         g = self.cfg.gold
         t0 = time.perf_counter()
-        # The coin is drawn when generation starts, before the data is read (DESIGN.md).
-        on_policy = bool(self.rng.random() < g.lmbda)
+        per_row = g.get("lmbda_granularity", "batch") == "sample"
+        # The coin is drawn when generation starts, before the data is read (DESIGN.md); per-row coins
+        # (H8, gold.lmbda_granularity="sample") once the data says how many rows there are.
+        on_policy = None if per_row else bool(self.rng.random() < g.lmbda)
         data = next(self.data_iter, None)
         if data is None:
             return END_OF_DATA
-        if on_policy:
-            seq = self._sample(self.engine.generate, data, step)
+        rows = draw_rows(self.rng, g.lmbda, "sample", len(data["prompt_ids"])) if per_row else None
+        behaviour = None
+        if per_row:
+            on_policy = bool(rows.any())
+            seq = seq_from_data(data)
+            if on_policy:
+                gen, lp = self._sample(self.engine.generate, data, step, with_logprobs=True)
+                seq = gen if rows.all() else mix_rows(rows, gen, seq)
+                behaviour = behaviour_logprobs(rows, lp, seq.completion_ids.shape)
+        elif on_policy:
+            seq, lp = self._sample(self.engine.generate, data, step, with_logprobs=True)
+            rows = np.ones((seq.prompt_ids.shape[0],), bool)
+            behaviour = behaviour_logprobs(rows, lp, seq.completion_ids.shape)
         elif g.seq_kd:
             seq = self._sample(lambda *a, **kw: self.teacher.generate(*a, **kw).result(), data, step)
         else:
             seq = seq_from_data(data)
         gen_time = time.perf_counter() - t0
         # Dataset completions recur every epoch: only those may come from the score cache.
-        return PendingBatch(step, on_policy, seq, gen_time, future=self.teacher.score(seq, cacheable=not on_policy))
+        return PendingBatch(step, on_policy, seq, gen_time, future=self.teacher.score(seq, cacheable=not on_policy),
+                            rows=rows, behaviour=behaviour)
 
-    def _sample(self, generate: Any, data: dict[str, np.ndarray], step: int) -> SequenceBatch:
+    def _sample(self, generate: Any, data: dict[str, np.ndarray], step: int, with_logprobs: bool = False) -> Any:
         r = self.cfg.rollout
         out = generate(data["prompt_ids"], data["prompt_mask"], max_new_tokens=int(self.cfg.data.max_response_length),
                        temperature=float(self.cfg.gold.temperature), top_p=float(r.top_p), top_k=int(r.top_k),
@@ -139,7 +179,9 @@ class BatchProducer:
         if eos_ids:   # H4: the student's EOS set ends every completion (a teacher may stop on other ids)
             from gold_jax.rollout.base import end_at_eos
             c_ids, c_mask = end_at_eos(c_ids, c_mask, eos_ids, int(getattr(self.engine, "pad_id", 0) or 0))
-        return SequenceBatch(out.prompt_ids, out.prompt_mask, c_ids, c_mask)
+        seq = SequenceBatch(out.prompt_ids, out.prompt_mask, c_ids, c_mask)
+        # H8: the engine's log-probs of the sampled tokens (behaviour policy), for the importance ratio.
+        return (seq, getattr(out, "logprobs", None)) if with_logprobs else seq
 
     def resolve(self, p: PendingBatch) -> float:
         """Wait for the batch's teacher scores (re-sending after a lost teacher); returns seconds waited."""

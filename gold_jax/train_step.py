@@ -98,7 +98,8 @@ def _cast(tree: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def loss_sum(model: nnx.Module, batch: dict[str, jax.Array], spec: LossSpec, mesh: Mesh | None) -> jax.Array:
+def loss_sum(model: nnx.Module, batch: dict[str, jax.Array], spec: LossSpec, mesh: Mesh | None,
+             objective: bool = True) -> Any:
     """Sum of the per-token loss over completion tokens (mask = 1) of one micro-batch.
 
     The loss itself comes from the table in gold_jax.losses.registry (spec.impl).
@@ -107,7 +108,32 @@ def loss_sum(model: nnx.Module, batch: dict[str, jax.Array], spec: LossSpec, mes
     p = batch["input_ids"].shape[1] - r
     # The distribution that predicts completion token j sits at position P-1+j (gold_jax.types).
     h = model.hidden(batch["input_ids"], batch["attention_mask"])[:, p - 1:p + r - 1]
+    if objective and uses_objective(spec) and "teacher_hidden" not in batch:
+        # H8: per-row JSD/OPD, importance weights and diagnostics: returns (sum, aux sums).
+        from gold_jax.losses.objective import objective_sum
+        return objective_sum(model, h, batch, spec, mesh)
     return registry.get(spec.impl).load()(model, h, batch, spec, mesh)
+
+
+def uses_objective(spec: LossSpec) -> bool:
+    """Whether the step needs gold_jax.losses.objective (anything beyond one JSD for the whole batch)."""
+    return spec.loss != "jsd" or spec.importance_correction or spec.diagnostics or spec.per_row
+
+
+def _grads_loss_aux(*args: Any, **kw: Any) -> tuple:
+    return grads_and_loss(*args, with_aux=True, **kw)
+
+
+def _split_aux(out: Any, n_tok: jax.Array) -> tuple[jax.Array, dict]:
+    """(loss / n_tok, aux) from a loss returning a sum or (sum, aux sums)."""
+    total, aux = out if isinstance(out, tuple) else (out, {})
+    return total / n_tok, aux
+
+
+def _add_aux(a: dict, b: dict) -> dict:
+    """Aux (sum, count) pairs of two micro-batches; "*_max" entries keep the larger value."""
+    return {k: ((jnp.maximum(a[k][0], b[k][0]), a[k][1]) if k.endswith("_max") else
+                (a[k][0] + b[k][0], a[k][1] + b[k][1])) for k in a}
 
 
 def _micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -132,8 +158,10 @@ def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec
                    n_micro: int, mesh: Mesh | None = None,
                    loss_fn: Callable | None = None, frozen: Any = None,
                    dropout_key: jax.Array | None = None, teacher: Any = None,
-                   teacher_graphdef: Any = None) -> tuple[jax.Array, Any, jax.Array]:
-    """(loss, grads, n_tokens): mean JSD over all completion tokens of the step and its gradient.
+                   teacher_graphdef: Any = None, with_aux: bool = False) -> tuple:
+    """(loss, grads, n_tokens[, aux]): mean loss over all completion tokens of the step and its gradient.
+
+    with_aux: also the loss's aux sums (a loss returning (sum, aux); {} otherwise), summed over micro-batches.
 
     With a LoRA student `params` are the adapters (the only leaves differentiated) and `frozen` the base.
     `teacher`: the arrays of a teacher held by the step (gold_jax.teacher.colocated.StepTeacher), added to
@@ -144,19 +172,23 @@ def grads_and_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], spec
     def f(p, mb):
         model = _model(graphdef, p, frozen, spec.dtype, dropout_key)
         mb = teacher_fields(teacher_graphdef, teacher, mb)
-        return loss_fn(model, mb, spec, mesh) / n_tok
+        return _split_aux(loss_fn(model, mb, spec, mesh), n_tok)
 
-    vg = jax.value_and_grad(f)
+    vg = jax.value_and_grad(f, has_aux=True)
     if n_micro == 1:
-        loss, grads = vg(params, batch)
+        (loss, aux), grads = vg(params, batch)
     else:
+        micro = _micro(batch, n_micro)
+
         def body(carry, mb):
-            l_acc, g_acc = carry
-            l, g = vg(params, mb)
-            return (l_acc + l, jax.tree.map(jnp.add, g_acc, g)), None
+            l_acc, g_acc, a_acc = carry
+            (l, a), g = vg(params, mb)
+            return (l_acc + l, jax.tree.map(jnp.add, g_acc, g), _add_aux(a_acc, a)), None
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), _micro(batch, n_micro))
-    return loss, grads, n_tok
+        aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                            jax.eval_shape(f, params, jax.tree.map(lambda x: x[0], micro))[1])
+        (loss, grads, aux), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, aux0), micro)
+    return (loss, grads, n_tok, aux) if with_aux else (loss, grads, n_tok)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any, tx: optax.GradientTransformation,
@@ -165,8 +197,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
                dropout_seed: int | None = None, teacher: Any = None,
                teacher_graphdef: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
     key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
-    loss, grads, n_tok = grads_and_loss(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn, frozen, key,
-                                        teacher, teacher_graphdef)
+    loss, grads, n_tok, aux = _grads_loss_aux(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn, frozen,
+                                              key, teacher, teacher_graphdef)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -177,6 +209,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
                            state.step + finite.astype(jnp.int32), state.skipped + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": gnorm, "lr": schedule(state.step), "skipped": (~finite).astype(jnp.int32),
                "n_tokens": n_tok}
+    if aux:   # H8: per-group losses, diagnostics, importance ratio (gold_jax.losses.objective)
+        from gold_jax.losses.objective import reduce_aux
+        metrics.update({f"aux/{k}": v for k, v in reduce_aux(aux).items()})
     return new_state, metrics
 
 
@@ -188,7 +223,7 @@ def eval_loss(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, spec: 
     if frozen is not None:
         model.eval()
     n = batch["completion_mask"].astype(jnp.float32).sum()
-    return loss_sum(model, teacher_fields(teacher_graphdef, teacher, batch), spec, mesh), n
+    return loss_sum(model, teacher_fields(teacher_graphdef, teacher, batch), spec, mesh, objective=False), n
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

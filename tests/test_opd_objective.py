@@ -235,3 +235,17 @@ def test_vocab_parallel_objective_matches_unsharded(devices):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
     for k in aux_t:
         np.testing.assert_allclose(np.asarray(aux_p[k]), np.asarray(aux_t[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_aux_of_two_micro_batches_adds_up_to_the_whole_batch(case):
+    """train_step._add_aux (gradient accumulation) gives the whole batch's aux: sums add, the max is a max."""
+    from gold_jax.train_step import _add_aux
+    hidden, w, batch = case
+    spec = Spec(loss="opd", importance_correction=True)
+    whole = objective_sum(FakeModel(jnp.asarray(w)), jnp.asarray(hidden), batch, spec, None)[1]
+    halves = [objective_sum(FakeModel(jnp.asarray(w)), jnp.asarray(hidden[s]), {k: v[s] for k, v in batch.items()},
+                            spec, None)[1] for s in (slice(0, 2), slice(2, 4))]
+    got = _add_aux(*halves)
+    assert set(got) == set(whole)
+    for k in whole:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(whole[k]), rtol=1e-5, atol=1e-6, err_msg=k)

@@ -92,6 +92,15 @@ class LossSpec:
     chunk_size: int = 256
     dtype: str = "float32"       # compute dtype of the student forward
     vocab_size: int | None = None  # tokenizer size: logit columns at or past it are embedding padding
+    # H8 (issue 14), read by gold_jax.losses.objective: gold.loss and its knobs, and the diagnostics.
+    loss: str = "jsd"              # jsd | opd
+    opd_coef: float = 1.0
+    opd_offpolicy_weight: float = 1.0
+    importance_correction: bool = False
+    importance_cap: float | None = 2.0
+    diagnostics: bool = False      # top-k coverage metrics (teacher/topk_mass, ...) from the loss's own logits
+    always_on_policy: bool = False  # lmbda == 1: no off-policy rows, so an opd run never needs the JSD
+    per_row: bool = False          # gold.lmbda_granularity == "sample": rows of one batch differ
 
 
 def teacher_signal(top_k: int, signal: str = "topk", mode: str = "server") -> str:
