@@ -73,16 +73,107 @@ def memory_table(tokens: int, vocab: int, hidden: int, chunks: list[int]) -> Non
           "    is float32 on CPU for this reason among others.")
 
 
+def wire_table(batch: int, length: int, prompt: int, k: int, reps: int) -> None:
+    """Reply bytes per scored token and client round trips over tcp://127.0.0.1 to one embedded server."""
+    import statistics
+    import sys
+    import time
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from teacher_bench import make_backend
+
+    from gold_jax.teacher import TeacherClient, start_local_teacher
+    from gold_jax.teacher import protocol as P
+    from gold_jax.types import SequenceBatch
+    backend = make_backend(length)
+    vocab, hidden = backend.info()["vocab_size"], backend.info()["hidden_size"]
+    rng = np.random.default_rng(0)
+    seq = SequenceBatch(rng.integers(0, vocab, (batch, prompt), dtype=np.int32), np.ones((batch, prompt), np.int32),
+                        rng.integers(0, vocab, (batch, length - prompt), dtype=np.int32),
+                        np.ones((batch, length - prompt), np.int32))
+    scored = batch * (length - prompt)
+    with start_local_teacher(None, backend=backend, inproc=False) as t, \
+            TeacherClient(t.address, timeout_s=600.0, max_retries=0) as c:
+        calls = {f"topk-{k}": lambda: c.score(seq, top_k=k, temperature=1.0).result(),
+                 "full rows": lambda: c.score(seq, top_k=0, temperature=1.0).result(),
+                 "hidden (bf16)": lambda: c.score(seq, top_k=0, temperature=1.0, signal="hidden").result()}
+        size = {}
+        for name, fn in calls.items():   # warm-up (compiles) and the reply size
+            rep = P.encode_reply("x" * 32, arrays=P.scores_to_arrays(fn()))
+            size[name] = sum(len(memoryview(f)) for f in rep[1:]) / scored
+        times = {name: [] for name in calls}
+        order = list(calls)
+        for i in range(reps):   # rotating order: a drifting machine load hits every signal alike
+            for name in order[i % 3:] + order[:i % 3]:
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        c.head()
+        head_s = time.perf_counter() - t0
+    med = {n: statistics.median(v) for n, v in times.items()}
+    print(f"\n(b) teacher server (embedded, tcp), model 8x512 vocab {vocab} hidden {hidden}, batch {batch} x {length} "
+          f"(scored {length - prompt} a row), median of {reps}")
+    print(f"{'signal':<16} {'reply bytes/token':>18} {'vs hidden':>10} {'round trip ms':>14} {'vs topk':>8}")
+    ref = med[f"topk-{k}"]
+    for name in calls:
+        print(f"{name:<16} {size[name]:>18.0f} {size[name] / size['hidden (bf16)']:>9.1f}x {med[name] * 1e3:>14.1f} "
+              f"{med[name] / ref:>7.2f}x")
+    print(f"hidden also needs the head once: {hidden * backend.info()['embedding_size'] * 4 / 2**20:.1f} MiB float32, "
+          f"fetched in {head_s:.2f}s (or read from the teacher's folder)")
+
+
+def step_table(steps: int, warmup: int, batch: int, lmbdas: list[float]) -> None:
+    """The GOLD step on the demo models: colocated teacher vs the embedded server teacher (top-k 64)."""
+    import sys
+    import types
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_bench
+    base = train_bench.gold_config
+    rows = []
+    for lmbda in lmbdas:
+        for mode in ("server", "colocated"):
+            def cfg_fn(*a, mode=mode):
+                c = base(*a)
+                c.teacher.mode = mode
+                return c
+            train_bench.gold_config = cfg_fn
+            args = types.SimpleNamespace(seed=0, cache_dir="~/.cache/gold_jax/demo", batch=batch, warmup=warmup,
+                                         steps=steps)
+            r = train_bench.run_gold(args, lmbda, "one_step_off")
+            rows.append((lmbda, mode, r))
+    train_bench.gold_config = base
+    print(f"\n(c) GOLD step on the demo models (one_step_off, batch {batch}, {steps} timed steps after {warmup}), "
+          "teacher colocated in the step vs the embedded teacher server (top-k 64). TRL is not installed here: "
+          "gold_jax against itself.")
+    print(f"{'lmbda':>5} {'teacher':<10} {'tokens/s':>9} {'step s':>7} {'teacher s':>9} {'update s':>9} "
+          f"{'vs server':>9} {'load':>5}")
+    for lmbda, mode, r in rows:
+        srv = next(x for lm, m, x in rows if lm == lmbda and m == "server")
+        print(f"{lmbda:>5g} {mode:<10} {r['tokens_per_s']:>9.0f} {r['step_s_median']:>7.3f} {r['teacher_s']:>9.3f} "
+              f"{r['update_s']:>9.3f} {r['tokens_per_s'] / srv['tokens_per_s']:>8.2f}x {r['load']:>5.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("memory", "wire", "step"), default=None)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     print(f"devices: {jax.devices()[0].device_kind} x{jax.device_count()}")
     if args.only in (None, "memory"):
         memory_table(args.tokens, args.vocab, args.hidden, [256, 512, 1024])
+    if args.only in (None, "wire"):
+        wire_table(2, 512, 256, 64, args.reps)
+    if args.only in (None, "step"):
+        step_table(args.steps, args.warmup, 16, [0.0, 1.0])
 
 
 if __name__ == "__main__":

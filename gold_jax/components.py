@@ -115,12 +115,17 @@ def load_student(cfg: ml_collections.ConfigDict, mesh: Any) -> tuple[nnx.Module,
     return model, tokenizer
 
 
-def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any) -> TeacherHandle:
+def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer: Any,
+                    mesh: Any = None) -> TeacherHandle:
     """The run's one teacher handle, checked against the student.
 
     It hides the embedded server (started when `teacher.address` is empty) and the
     score cache (`teacher.cache_dir`); its close() stops everything it started.
+    With teacher.mode="colocated" (H7) no server starts: the handle carries the teacher's
+    parameters on `mesh` for the train step (`step_teacher`), and scores nothing on the host.
     """
+    if cfg.teacher.mode == "colocated":
+        return _colocated_teacher(cfg, tokenizer, mesh)
     local = client = None
     address = cfg.teacher.address
     try:
@@ -135,11 +140,50 @@ def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer
         if cfg.gold.top_k > info["max_top_k"]:
             raise ValueError(f"config.gold.top_k={cfg.gold.top_k} exceeds the teacher's max_top_k={info['max_top_k']}")
         cache = CachedScorer(client, config_lib.expand(cfg.teacher.cache_dir)) if cfg.teacher.cache_dir else None
+        from gold_jax.losses import registry
+        hidden = registry.teacher_signal(cfg.gold.top_k, cfg.gold.teacher_signal, cfg.teacher.mode) == "hidden"
+        step_teacher = _remote_head(cfg, client, info, mesh) if hidden else None
     except BaseException:
         TeacherHandle(client, top_k=0, temperature=1.0, server=local).close()
         raise
     logging.info("teacher %s at %s: %s", info.get("model_name"), address, info)
-    return TeacherHandle(client, top_k=cfg.gold.top_k, temperature=cfg.gold.temperature, cache=cache, server=local)
+    return TeacherHandle(client, top_k=cfg.gold.top_k, temperature=cfg.gold.temperature, cache=cache, server=local,
+                         signal="hidden" if hidden else "logprobs", step_teacher=step_teacher)
+
+
+def _remote_head(cfg: ml_collections.ConfigDict, client: Any, info: dict, mesh: Any) -> Any:
+    """H7: the teacher's lm head for gold.teacher_signal="hidden", from model.teacher_path or fetched once
+    from the server, checked against the checksum the server announces; placed on the training mesh."""
+    from gold_jax.teacher.colocated import StepTeacher, place_head
+    from gold_jax.teacher.head import check_checksum, head_checksum, load_head
+    if not info.get("head_checksum"):
+        raise ValueError(f"config.gold.teacher_signal='hidden': the teacher at {client.address} does not serve "
+                         "hidden states (it needs the jax backend)")
+    path = cfg.model.teacher_path
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        head, norm = load_head(path)
+        check_checksum(head_checksum(head, norm), info["head_checksum"], f"config.model.teacher_path={path!r}")
+    else:
+        head, norm = client.head()
+    dtype = config_lib.resolve_dtype(cfg.teacher.dtype, jax.devices()[0].platform)
+    return StepTeacher(place_head(head, mesh, dtype))
+
+
+def _colocated_teacher(cfg: ml_collections.ConfigDict, tokenizer: Any, mesh: Any) -> Any:
+    """H7: the teacher of model.teacher_path on the training mesh, same tokenizer as the student's."""
+    from gold_jax.fingerprint import tokenizer_size
+    from gold_jax.teacher.colocated import ColocatedHandle, load_colocated, teacher_dtype
+    path = cfg.model.teacher_path
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        theirs = tokenizer_fingerprint(load_tokenizer(path))
+        if theirs != tokenizer_fingerprint(tokenizer):
+            _compare_teacher_tokenizer(cfg, tokenizer)
+            raise ValueError(f"config.model.teacher_path={path!r}: its tokenizer differs from the student's "
+                             "(a colocated teacher must share the student's vocabulary)")
+    dtype = teacher_dtype(cfg.teacher.dtype, jax.devices()[0].platform)
+    step_teacher = load_colocated(path, mesh, dtype, tokenizer_size(tokenizer))
+    logging.info("colocated teacher %s (%s) in the train step", path, dtype)
+    return ColocatedHandle(step_teacher, model_name=os.path.basename(os.path.normpath(path)))
 
 
 def _compare_teacher_tokenizer(cfg: ml_collections.ConfigDict, tokenizer: Any) -> None:

