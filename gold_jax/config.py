@@ -59,6 +59,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.gold.seq_kd = False          # off-policy batches: teacher-generated completions
     c.gold.top_k = 64              # teacher top-k; 0 = full rows (dense JSD)
     c.gold.topk_mode = "tail"      # "tail" (k+1 bucket, exact) or "renormalize" (verl)
+    # H8 (issue 14): the OPD family. loss "opd" trains student-sampled rows on the sampled-token reverse KL
+    # used as a per-token advantage (gold_jax/losses/opd.py); off-policy rows keep the JSD.
+    c.gold.loss = "jsd"            # jsd | opd
+    c.gold.opd_coef = 1.0          # OPD reward scale: r_t = opd_coef * (log p_teacher(y_t) - log q_student(y_t))
+    c.gold.opd_offpolicy_weight = 1.0  # opd runs: weight of the JSD on off-policy (dataset/teacher) rows; 0 skips them
+    c.gold.importance_correction = False  # weight student rows by min(q_θ/q_behaviour, importance_cap) (TIS)
+    c.gold.importance_cap = 2.0    # truncation c of the importance ratio (verl's TIS recipes use 2)
+    c.gold.lmbda_granularity = "batch"  # batch: one λ coin per batch | sample: one coin per row
+    c.gold.diagnostics = True      # teacher/topk_mass, student/mass_on_teacher_topk, gold/topk_overlap, ...
     # H7: what the teacher sends: "topk" (k log-probs + exact log-mass; gold.top_k=0 means full rows),
     # "full" (rows of V log-probs), "hidden" (its final normed hidden states, bf16; the trainer holds its
     # lm head and the fused loss is the exact dense JSD). teacher.mode="colocated" always trains on "hidden".
@@ -166,6 +175,18 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(math.isfinite(g.temperature) and g.temperature > 0, "gold.temperature", g.temperature, "must be > 0")
     _check(g.top_k >= 0, "gold.top_k", g.top_k, "must be >= 0 (0 = full rows)")
     _check(g.topk_mode in TOPK_MODES, "gold.topk_mode", g.topk_mode, f"must be one of {TOPK_MODES}")
+    _check(g.loss in ("jsd", "opd"), "gold.loss", g.loss, "must be one of ('jsd', 'opd')")   # H8: OPD family
+    _check(math.isfinite(g.opd_coef), "gold.opd_coef", g.opd_coef, "must be a finite number")
+    _check(math.isfinite(g.opd_offpolicy_weight) and g.opd_offpolicy_weight >= 0, "gold.opd_offpolicy_weight",
+           g.opd_offpolicy_weight, "must be >= 0 (0 skips off-policy rows)")
+    _check(g.importance_cap > 0, "gold.importance_cap", g.importance_cap, "must be > 0")
+    _check(g.lmbda_granularity in ("batch", "sample"), "gold.lmbda_granularity", g.lmbda_granularity,
+           "must be one of ('batch', 'sample')")
+    _check(not (g.lmbda_granularity == "sample" and g.seq_kd), "gold.lmbda_granularity", g.lmbda_granularity,
+           "'sample' mixes student rows with dataset rows; it does not support gold.seq_kd=True")
+    _check(g.loss == "jsd" or (g.get("teacher_signal", "topk") in ("topk", "full")
+                               and cfg.teacher.get("mode", "server") == "server"), "gold.loss", g.loss,
+           "'opd' needs the teacher's sampled-token log-probs: gold.teacher_signal topk or full, teacher.mode server")
     _check(g.teacher_signal in TEACHER_SIGNALS, "gold.teacher_signal", g.teacher_signal,   # H7
            f"must be one of {TEACHER_SIGNALS}")
     _check(cfg.teacher.mode in TEACHER_MODES, "teacher.mode", cfg.teacher.mode, f"must be one of {TEACHER_MODES}")

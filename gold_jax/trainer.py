@@ -26,6 +26,7 @@ from absl import logging
 from flax import nnx
 
 from gold_jax import components, config as config_lib
+from gold_jax.onpolicy import opd_metrics
 from gold_jax.batches import END_OF_DATA, BatchProducer, PendingBatch, seq_from_data, train_arrays
 from gold_jax.checkpoint import Checkpointer
 from gold_jax.data import iterator_state_from_json, iterator_state_to_json
@@ -41,8 +42,14 @@ def loss_spec(cfg: ml_collections.ConfigDict, mesh: Any, vocab_size: int) -> Los
     signal = registry.teacher_signal(cfg.gold.top_k, cfg.gold.teacher_signal, cfg.teacher.mode)
     impl = registry.resolve_impl(cfg.loss.impl, signal, mesh.shape["tensor"])
     dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
-    return LossSpec(impl=impl, beta=float(cfg.gold.beta), temperature=float(cfg.gold.temperature),
-                    mode=cfg.gold.topk_mode, chunk_size=int(cfg.loss.chunk_size), dtype=dtype, vocab_size=vocab_size)
+    g = cfg.gold
+    return LossSpec(impl=impl, beta=float(g.beta), temperature=float(g.temperature),
+                    mode=g.topk_mode, chunk_size=int(cfg.loss.chunk_size), dtype=dtype, vocab_size=vocab_size,
+                    # H8 (issue 14): the OPD family, importance correction, per-row λ, diagnostics.
+                    loss=g.loss, opd_coef=float(g.opd_coef), opd_offpolicy_weight=float(g.opd_offpolicy_weight),
+                    importance_correction=bool(g.importance_correction), importance_cap=float(g.importance_cap),
+                    diagnostics=bool(g.diagnostics), always_on_policy=float(g.lmbda) == 1.0,
+                    per_row=g.lmbda_granularity == "sample")
 
 
 def _global(mesh: Any, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -113,6 +120,7 @@ class Trainer:
         self.producer = BatchProducer(cfg, iterate(train_ds, cfg.data), engine, self.teacher, rng)
         self.queue: collections.deque[PendingBatch] = collections.deque()
         self.step = self.n_on_policy = 0
+        self.n_rows_on = self.n_rows = 0   # H8: on-policy rows / rows trained (gold/on_policy_ratio counts rows)
         self.next_step = 0        # the step whose batch is produced next (batches are made in step order)
         self.engine_version = 0   # the step whose weights the rollout engine holds
         self.ckpt = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep) \
@@ -140,7 +148,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _host_state(self) -> dict[str, Any]:
         return {"step": self.step, "rng": self.producer.rng.bit_generator.state, "n_on_policy": self.n_on_policy,
-                "n_done": self.step, "data_iter": iterator_state_to_json(self.producer.data_iter.get_state()),
+                "n_done": self.step, "n_rows_on": self.n_rows_on, "n_rows": self.n_rows,
+                "data_iter": iterator_state_to_json(self.producer.data_iter.get_state()),
                 **({"lora_base": self.lora.base_ref} if self.lora is not None else {})}
 
     def save(self) -> None:
@@ -161,6 +170,7 @@ class Trainer:
         # A corrupt step raises one CorruptCheckpointError naming the step, the file and the step to fall back to.
         self.state, host, pending = self.ckpt.restore(self.ckpt.latest_step(), self.state)
         self.step, self.n_on_policy = host["step"], host["n_on_policy"]
+        self.n_rows_on, self.n_rows = host.get("n_rows_on", 0), host.get("n_rows", 0)
         self.producer.rng.bit_generator.state = host["rng"]
         self.producer.data_iter.set_state(iterator_state_from_json(host["data_iter"]))
         self.queue.extend(PendingBatch.from_arrays(d) for d in pending)
@@ -190,6 +200,7 @@ class Trainer:
                             self.total_steps)
             self.total_steps = step
             return 0.0
+        pend.version = self.engine_version   # H8: the weights that generated it (gold/staleness)
         self.queue.append(pend)
         self.next_step = step + 1
         return pend.gen_time
@@ -207,7 +218,8 @@ class Trainer:
             return None
         pend = self.queue.popleft()
         teacher_s = self.producer.resolve(pend)
-        arrays = train_arrays(pend.seq, pend.scores)
+        arrays = train_arrays(pend.seq, pend.scores, rows=pend.row_flags(), behaviour=pend.behaviour)
+        staleness = self.step - pend.version if pend.version >= 0 else float("nan")
         t_upd = time.perf_counter()
         self.state, met = self.step_fn(self.state, _global(self.mesh, arrays))   # dispatched, not finished
         if s and self.next_step == self.step + s:
@@ -216,8 +228,12 @@ class Trainer:
         now = time.perf_counter()
         self.step += 1
         self.n_on_policy += int(pend.on_policy)
+        self.n_rows_on += int(pend.row_flags().sum())
+        self.n_rows += int(pend.row_flags().size)
         self._log_samples(pend)
-        return self._record(pend, met, arrays, sync_s, gen_s, teacher_s, now - t_upd, now - t0)
+        rec = self._record(pend, met, arrays, sync_s, gen_s, teacher_s, now - t_upd, now - t0)
+        rec.update(opd_metrics(met, pend, staleness, self.n_rows_on / max(self.n_rows, 1)))
+        return rec
 
     def _record(self, pend, met, arrays, sync_s, gen_s, teacher_s, update_s, step_s) -> dict[str, Any]:
         g, lens = self.cfg.gold, pend.seq.completion_mask.sum(1)
