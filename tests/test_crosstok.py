@@ -381,3 +381,62 @@ def test_cross_tokenizer_key_and_refusal_message():
             return {"tokenizer_fingerprint": "teacher-fp", "model_name": "t", "vocab_size": 50}
     with pytest.raises(ValueError, match="different tokenizer.*gold.cross_tokenizer"):
         TeacherClient.check_student(Stub(), 50, "student-fp")
+
+
+# ---------------------------------------------------------------- teacher fields + loss, end to end on real tokenizers
+@pytest.mark.parametrize("strategy", ["observed", "bayesian"])
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_cross_loss_end_to_end_matches_span_merge_reference(toks, strategy, hybrid):
+    """Student bl300 vs teacher bf: spans merged by TRL's rule, written here straight from the spans."""
+    from gold_jax.crosstok.fields import pad_rows, student_fields
+    from gold_jax.losses.uld import cross_per_token
+    s_tok, t_tok = toks["bl300"], toks["bf"]
+    text = "数学 🙂 naïve café, hello   world<|im_end|>"
+    sid = s_tok.encode(text, add_special_tokens=False).ids
+    tid = teacher_ids_for(t_tok, s_tok, sid)
+    al = align(s_tok, sid, t_tok, tid)
+    assert al.unaligned_frac == 0
+    assert any(s1 - s0 > 1 for s0, s1, *_ in al.spans) and any(t1 - t0 > 1 for _, _, t0, t1, _, _ in al.spans)
+    vm = shared_vocab(s_tok, t_tok)
+    wm, wu = vm.adaptive_weights()
+    ns, nt, vs, vt, k, beta = len(sid), len(tid), vm.student_vocab_size, vm.teacher_vocab_size, 12, 0.5
+    rng = np.random.default_rng(11)
+    lp = np_log_softmax(rng.normal(size=(nt, vt)) * 3)
+    top = np.argsort(-lp, axis=-1)[:, :k]
+    lp_k = np.take_along_axis(lp, top, -1)
+    lm = np.log(np.exp(lp_k).sum(-1))
+    tok_lp = lp[np.arange(nt), tid]
+    f = student_fields(al, vm, lp_k, top, lm, tok_lp, strategy)
+    batch = pad_rows([f], ns + 3)
+    logits = rng.normal(size=(1, ns + 3, vs)) * 3
+    cids = np.pad(np.asarray(sid), (0, 3))[None]
+    with jax.enable_x64(True):
+        def loss(x):
+            fj = {name: jnp.asarray(v) for name, v in batch.items()}
+            return cross_per_token(x, jnp.asarray(cids), fj, jnp.asarray(vm.student_shared), temperature=1.0,
+                                   beta=beta, matched_weight=wm, unmatched_weight=wu, hybrid=hybrid)
+        got = np.asarray(loss(jnp.asarray(logits)))
+        d = rng.normal(size=logits.shape)
+        g = np.asarray(jax.grad(lambda x: jnp.sum(loss(x)))(jnp.asarray(logits)))
+
+    def ref(x):
+        q = np.exp(np_log_softmax(x[0]))
+        out = np.zeros(ns + 3)
+        for s0, s1, t0, t1, _, _ in al.spans:
+            sb, tb = (s0, t0) if strategy == "observed" else (s1 - 1, t1 - 1)
+            ss = np.prod([max(q[r, sid[r]], 1e-8) for r in range(s0, s1) if r != sb])
+            ts = np.prod([max(np.exp(lp[j, tid[j]]), 1e-8) for j in range(t0, t1) if j != tb])
+            tk = np.exp(lp_k[tb])
+            if hybrid:
+                out[sb] = ref_hybrid_topk(q[sb][None], tk[None], np.array([1 - tk.sum()]),
+                                          vm.map_ids(top[tb])[None], vm.student_shared, beta, wm, wu,
+                                          np.array([ss]), np.array([ts]))[0]
+            else:
+                out[sb] = ref_uld_topk(q[sb][None], tk[None], np.array([1 - tk.sum()]), np.array([ss]),
+                                       np.array([ts]))[0]
+        return out
+    np.testing.assert_allclose(got[0], ref(logits), rtol=1e-6, atol=1e-9)
+    eps = 1e-6
+    fd = (ref(logits + eps * d).sum() - ref(logits - eps * d).sum()) / (2 * eps)
+    np.testing.assert_allclose(np.sum(g * d), fd, rtol=1e-5)
+    assert np.all(got[0, ns:] == 0) and batch["loss_mask"].sum() == len(al.spans)

@@ -165,3 +165,31 @@ def hybrid_weights(n_matched: int, teacher_vocab_size: int, matched_weight: floa
     if matched_weight < 0 or unmatched_weight < 0:
         raise ValueError("gold.uld_hybrid_*_weight must be >= 0")
     return float(matched_weight), float(unmatched_weight)
+
+
+def cross_per_token(student_logits: jax.Array, completion_ids: jax.Array, fields: dict, student_shared: jax.Array,
+                    *, temperature: float, beta: float, matched_weight: float, unmatched_weight: float,
+                    hybrid: bool = True, vocab_size: int | None = None) -> jax.Array:
+    """Per-token cross-tokenizer loss [B, R] from student logits and `gold_jax.crosstok.fields` arrays.
+
+    The student side of each span is merged like the teacher's (span_logscale
+    over the student's own log-probs of its actual tokens, differentiable);
+    only span_base positions carry a value (times loss_mask).
+    """
+    s = jnp.maximum(student_logits.astype(jnp.promote_types(student_logits.dtype, jnp.float32)), NEG_FLOOR)
+    s = s / temperature
+    if vocab_size is not None and vocab_size < s.shape[-1]:
+        s = jnp.where(jnp.arange(s.shape[-1]) < vocab_size, s, NEG_FLOOR)  # embedding padding columns
+    logq = jax.nn.log_softmax(s, axis=-1)
+    logq_actual = jnp.take_along_axis(logq, completion_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    base = fields["span_base"].astype(bool)
+    sls = span_logscale(logq_actual, fields["span_id"], base)
+    tls = fields["teacher_logscale"]
+    if hybrid:
+        per = hybrid_topk_terms(logq, fields["teacher_logprobs"], fields["teacher_student_ids"], student_shared,
+                                fields["teacher_logmass"], beta=beta, matched_weight=matched_weight,
+                                unmatched_weight=unmatched_weight, student_logscale=sls, teacher_logscale=tls)[0]
+    else:
+        per = uld_topk_terms(logq, fields["teacher_logprobs"], fields["teacher_logmass"], student_logscale=sls,
+                             teacher_logscale=tls)
+    return jnp.where(base, per, 0.0) * fields["loss_mask"]
