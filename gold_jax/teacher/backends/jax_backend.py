@@ -106,19 +106,7 @@ class JaxBackend(TeacherBackend):
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, top_k: int,
               temperature: float, completion_start: int | None) -> TeacherScores:
-        ids = np.asarray(input_ids, np.int32)
-        mask = np.asarray(attention_mask, np.int32)
-        b, length = ids.shape
-        start = 1 if completion_start is None else int(completion_start)
-        if not 1 <= start < length:
-            raise ValueError(f"completion_start={completion_start} must be in [1, {length - 1}]")
-        pb = 1 << max(0, (b - 1).bit_length())
-        pl = _round_up(length, self.length_bucket)
-        # Extra rows copy row 0 (an all-masked row could divide by zero); extra columns are masked.
-        ids_p = np.zeros((pb, pl), np.int32)
-        mask_p = np.zeros((pb, pl), np.int32)
-        ids_p[:b, :length], mask_p[:b, :length] = ids, mask
-        ids_p[b:, :length], mask_p[b:, :length] = ids[:1], mask[:1]
+        ids_p, mask_p, b, length, start = self._padded(input_ids, attention_mask, completion_start)
         out = self._run(self._state, ids_p, mask_p, jnp.float32(temperature), top_k=int(top_k),
                         start=start, vocab_size=self._info["vocab_size"])
         rows = length - start
@@ -134,6 +122,7 @@ class JaxBackend(TeacherBackend):
             raise ValueError(f"completion_start={completion_start} must be in [1, {length - 1}]")
         pb = 1 << max(0, (b - 1).bit_length())
         pl = _round_up(length, self.length_bucket)
+        # Extra rows copy row 0 (an all-masked row could divide by zero); extra columns are masked.
         ids_p = np.zeros((pb, pl), np.int32)
         mask_p = np.zeros((pb, pl), np.int32)
         ids_p[:b, :length], mask_p[:b, :length] = ids, mask
