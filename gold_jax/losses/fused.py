@@ -286,13 +286,7 @@ def fused_jsd(hidden: jax.Array, lm_head: jax.Array, teacher_logprobs: jax.Array
     beta, temperature = val.check_beta(beta), val.check_temperature(temperature)
     val.check_reduction(reduction)
     mode = val.check_mode(mode, FUSED_MODES)
-    if hidden.ndim < 2:
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {hidden.shape}")
-    if lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
-        raise ValueError(f"lm_head must be [H, V] with H = {hidden.shape[-1]} (hidden's last axis), "
-                         f"got shape {lm_head.shape}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    val.check_hidden_head(hidden, lm_head, chunk_size)
     lead = hidden.shape[:-1]
     logits_shape = (*lead, lm_head.shape[1])
     width = int(lm_head.shape[1])

@@ -219,13 +219,7 @@ def fused_opd(hidden: jax.Array, lm_head: jax.Array, completion_ids: jax.Array, 
     """`opd_loss` of softmax(hidden @ lm_head / T) without [N, V] logits: hidden [N, H] or [B, T, H]."""
     temperature = val.check_temperature(temperature)
     val.check_reduction(reduction)
-    if hidden.ndim < 2:
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {hidden.shape}")
-    if lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
-        raise ValueError(f"lm_head must be [H, V] with H = {hidden.shape[-1]} (hidden's last axis), "
-                         f"got shape {lm_head.shape}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    val.check_hidden_head(hidden, lm_head, chunk_size)
     lead = hidden.shape[:-1]
     _check_common(lead, completion_ids, teacher_token_logprob, mask, behaviour_logprob, outcome_reward,
                   coef, importance_cap)

@@ -58,6 +58,17 @@ def check_same_shape(a, b, name_a: str, name_b: str) -> None:
         raise ValueError(f"{name_a} {tuple(np.shape(a))} and {name_b} {tuple(np.shape(b))} must have the same shape")
 
 
+def check_hidden_head(hidden, lm_head, chunk_size) -> None:
+    """Shapes of a fused loss's inputs: hidden [N, H] or [B, T, H], lm_head [H, V], chunk_size a positive int."""
+    if hidden.ndim < 2:
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {hidden.shape}")
+    if lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
+        raise ValueError(f"lm_head must be [H, V] with H = {hidden.shape[-1]} (hidden's last axis), "
+                         f"got shape {lm_head.shape}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def check_vocab_size(vocab_size, logits_vocab: int) -> int:
     """Real vocabulary size; logits columns at or beyond it are embedding padding."""
     if vocab_size is None:
