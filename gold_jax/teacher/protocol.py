@@ -257,16 +257,22 @@ def encode_reject(error: str) -> list:
     return [msgpack.packb({"type": "reject", "error": error[:MAX_ERROR_CHARS]})]
 
 
+def _header(frames: Sequence[Any], side: str, kinds: tuple[str, ...]) -> tuple[dict, str]:
+    """The checked header map of a `side` ("worker"/"server") message and its type, one of `kinds`."""
+    _check(len(frames) >= 1, f"empty {side} message")
+    h = _unpack_map(frames[0], f"{side} header")
+    kind = h.get("type")
+    _check(isinstance(kind, str) and kind in kinds, f"unknown {side} message {str(kind)[:32]!r}")
+    return h, kind
+
+
 def decode_worker_message(frames: Sequence[Any]) -> WorkerMessage:
     """A worker -> server message, checked (ProtocolError for anything else).
 
     A "ready" message's info is checked by the caller (backends.base.check_info).
     """
     try:
-        _check(len(frames) >= 1, "empty worker message")
-        h = _unpack_map(frames[0], "worker header")
-        kind = h.get("type")
-        _check(isinstance(kind, str) and kind in ("ready", "hb", "reply"), f"unknown worker message {str(kind)[:32]!r}")
+        h, kind = _header(frames, "worker", ("ready", "hb", "reply"))
         if kind == "ready":
             v = h.get("v")
             _check(_is_int(v) and v == PROTOCOL_VERSION,
@@ -288,10 +294,7 @@ def decode_worker_message(frames: Sequence[Any]) -> WorkerMessage:
 def decode_server_message(frames: Sequence[Any]) -> ServerMessage:
     """A server -> worker message, checked (ProtocolError for anything else)."""
     try:
-        _check(len(frames) >= 1, "empty server message")
-        h = _unpack_map(frames[0], "server header")
-        kind = h.get("type")
-        _check(isinstance(kind, str) and kind in ("task", "who", "reject"), f"unknown server message {str(kind)[:32]!r}")
+        h, kind = _header(frames, "server", ("task", "who", "reject"))
         if kind == "reject":
             err = h.get("error", "")
             return ServerMessage("reject", error=err[:MAX_ERROR_CHARS] if isinstance(err, str) else repr(err)[:200])
