@@ -33,16 +33,8 @@ import numpy as np  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def _gold_config():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "gold.py")
-    spec = importlib.util.spec_from_file_location("gold_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def study_config(args, run_dir: str, seed: int, **over):
+    from distill_study import _gold_config  # this script's folder is sys.path[0]
     c = _gold_config()
     c.seed, c.run_dir = seed, run_dir
     c.demo.cache_dir, c.demo.preset, c.demo.eval_n = args.cache_dir, "full", args.eval_n
