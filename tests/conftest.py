@@ -84,18 +84,8 @@ def tiny_assets(tmp_path_factory, tiny_model_dir):
 def tiny_run_config(tiny_assets):
     """Factory: `tiny_run_config(run_dir, **{"trainer.max_steps": 6, ...})` -> configs/tiny.py on tiny_assets,
     with dotted-key overrides."""
-    from configs import tiny
+    import run_builder
 
     def make(run_dir, **over):
-        c = tiny.get_config()
-        c.run_dir = str(run_dir)
-        c.model.student_path, c.model.teacher_path = tiny_assets["student"], tiny_assets["teacher"]
-        c.data.train_files, c.data.val_files = tiny_assets["train"], tiny_assets["val"]
-        for k, v in over.items():
-            node = c
-            *head, last = k.split(".")
-            for h in head:
-                node = node[h]
-            node[last] = v
-        return c
+        return run_builder.tiny_config(run_dir, tiny_assets, **over)
     return make

@@ -2,11 +2,15 @@
 
 A real run would take a minute of XLA compiles; export, eval and the CLIs need only what a
 run leaves behind (its saved config and a checkpoint of the student's training state).
+Also the one tiny-run config builder (conftest's `tiny_run_config` and the vllm tests use it) and
+the kill-and-resume runs of the resume tests.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -43,13 +47,8 @@ def demo_task_files(root: str, n_train: int = 32, n_val: int = 16) -> tuple[str,
     return train, val
 
 
-def tiny_config(run_dir: str, **over):
-    """configs/tiny.py with run_dir and dotted-key overrides."""
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(REPO, "configs", "tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.run_dir = str(run_dir)
+def override(c, over: dict):
+    """Set dotted-key overrides (`{"trainer.max_steps": 6}`) on the ConfigDict `c` in place; returns `c`."""
     for k, v in over.items():
         node = c
         *head, last = k.split(".")
@@ -57,6 +56,18 @@ def tiny_config(run_dir: str, **over):
             node = node[h]
         node[last] = v
     return c
+
+
+def tiny_config(run_dir: str, assets: dict | None = None, **over):
+    """configs/tiny.py with run_dir, the student/teacher/data paths of `assets` (keys student, teacher,
+    train, val) when given, and dotted-key overrides."""
+    from configs import tiny
+    c = tiny.get_config()
+    c.run_dir = str(run_dir)
+    if assets is not None:
+        c.model.student_path, c.model.teacher_path = assets["student"], assets["teacher"]
+        c.data.train_files, c.data.val_files = assets["train"], assets["val"]
+    return override(c, over)
 
 
 def make_run(cfg, step: int = 1, noise: float = 0.0) -> str:
@@ -83,3 +94,34 @@ def make_run(cfg, step: int = 1, noise: float = 0.0) -> str:
     finally:
         ckpt.close()
     return run_dir
+
+
+def run_killed_after_step(cfg, step: int = 3) -> subprocess.CompletedProcess:
+    """Train `cfg` in a subprocess that SIGKILLs itself right after step `step`'s metrics row.
+
+    The test's own hook (it wraps the metrics writer), not the trainer's: production has no kill switch.
+    """
+    script = ("import json, os, signal, ml_collections\n"
+              "from gold_jax.trainer import Trainer\n"
+              f"t = Trainer(ml_collections.ConfigDict(json.loads({cfg.to_json()!r})))\n"
+              "write = t.writer.write\n"
+              "def write_then_die(step, rec, kind='train'):\n"
+              "    write(step, rec, kind)\n"
+              f"    if kind == 'train' and step == {int(step)}:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "t.writer.write = write_then_die\n"
+              "t.run()\n")
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+
+
+def ref_and_killed_runs(make_cfg, root, over: dict, step: int = 3) -> tuple:
+    """Train `make_cfg(dir, **over)` twice under `root`: straight through in root/"ref", and in
+    root/"killed" SIGKILLed right after step `step`'s metrics row, then resumed from its checkpoint.
+    Returns (ref_dir, kill_dir), for a test to compare their metrics."""
+    from gold_jax.trainer import Trainer
+    ref_dir, kill_dir = root / "ref", root / "killed"
+    Trainer(make_cfg(ref_dir, **over)).run()
+    p = run_killed_after_step(make_cfg(kill_dir, **over), step)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    Trainer(make_cfg(kill_dir, **over)).run()
+    return ref_dir, kill_dir

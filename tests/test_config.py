@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import run_builder
 
 from gold_jax import config as config_lib
 
@@ -49,13 +50,7 @@ def _cfg(paths, **over):
     c.run_dir = paths["run"]
     c.model.student_path, c.model.teacher_path = paths["student"], paths["teacher"]
     c.data.train_files = paths["train"]
-    for k, v in over.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
+    return run_builder.override(c, over)
 
 
 def test_config_import_and_validate_load_no_heavy_module():

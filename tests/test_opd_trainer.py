@@ -1,17 +1,13 @@
 """End-to-end OPD runs on the tiny models: metrics, staleness, per-row λ counts, resume under one_step_off."""
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import run_builder
 
 from gold_jax.losses.diagnostics import NAMES
 from gold_jax.metrics import read_jsonl
 from gold_jax.onpolicy import draw_rows
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cfg):
@@ -74,22 +70,7 @@ def test_per_sample_lmbda_resume_after_sigkill_is_bitwise(tiny_run_config, tmp_p
     over = {"trainer.max_steps": 6, "gold.lmbda": 0.5, "gold.lmbda_granularity": "sample", "gold.loss": "opd",
             "gold.importance_correction": True, "trainer.scheduler": scheduler, "checkpoint.every": 2,
             "trainer.eval_every": 0}
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
-    run(tiny_run_config(ref_dir, **over))
-    cfg = tiny_run_config(kill_dir, **over)
-    script = ("import json, os, signal, ml_collections\n"
-              "from gold_jax.trainer import Trainer\n"
-              f"t = Trainer(ml_collections.ConfigDict(json.loads({cfg.to_json()!r})))\n"
-              "write = t.writer.write\n"
-              "def write_then_die(step, rec, kind='train'):\n"
-              "    write(step, rec, kind)\n"
-              "    if kind == 'train' and step == 3:\n"
-              "        os.kill(os.getpid(), signal.SIGKILL)\n"
-              "t.writer.write = write_then_die\n"
-              "t.run()\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-    run(tiny_run_config(kill_dir, **over))
+    ref_dir, kill_dir = run_builder.ref_and_killed_runs(tiny_run_config, tmp_path, over, step=3)
     ref, got = _rows(ref_dir), _rows(kill_dir)
     assert [r["step"] for r in got] == list(range(1, 7))
     keys = ("actor/jsd_loss", "gold/on_policy_ratio", "gold/is_on_policy", "gold/staleness",

@@ -7,7 +7,6 @@ either a unit test or marked slow.
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
+import run_builder
 
 from gold_jax import config as config_lib
 from gold_jax.metrics import STEP_METRICS, MetricsWriter, read_jsonl
@@ -344,23 +344,8 @@ def test_one_step_off_equals_sync_fed_stale_weights(tiny_run_config, tmp_path):
 @pytest.mark.parametrize("scheduler", ["sync", "one_step_off", "two_step_off"])
 def test_resume_after_sigkill_is_bitwise(tiny_run_config, tmp_path, scheduler):
     over = {"trainer.max_steps": 6, "gold.lmbda": 0.5, "trainer.scheduler": scheduler, "checkpoint.every": 2}
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
-    run(tiny_run_config(ref_dir, **over))
-    cfg = tiny_run_config(kill_dir, **over)
     # The test's own hook, not the trainer's: SIGKILL right after step 3's metrics row (checkpoint at 2).
-    script = ("import json, os, signal, ml_collections\n"
-              "from gold_jax.trainer import Trainer\n"
-              f"t = Trainer(ml_collections.ConfigDict(json.loads({cfg.to_json()!r})))\n"
-              "write = t.writer.write\n"
-              "def write_then_die(step, rec, kind='train'):\n"
-              "    write(step, rec, kind)\n"
-              "    if kind == 'train' and step == 3:\n"
-              "        os.kill(os.getpid(), signal.SIGKILL)\n"
-              "t.writer.write = write_then_die\n"
-              "t.run()\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-    run(tiny_run_config(kill_dir, **over))
+    ref_dir, kill_dir = run_builder.ref_and_killed_runs(tiny_run_config, tmp_path, over, step=3)
     assert [r["step"] for r in read_jsonl(os.path.join(kill_dir, "metrics.jsonl"))] == list(range(1, 7))
     assert _losses(kill_dir) == _losses(ref_dir)
 
