@@ -3,43 +3,24 @@ reach vLLM through the in-place reload, and vLLM's greedy output equals the JAX 
 
 Run in the vllm virtualenv: `python -m pytest -q -m vllm tests/test_vllm_lora.py`.
 """
-import os
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("vllm")
 
 import jax  # noqa: E402
 
-from gold_jax.demo import task  # noqa: E402
-from gold_jax.metrics import read_jsonl  # noqa: E402
 from gold_jax.rollout.jax_sampler import JaxSampler  # noqa: E402
-from gold_jax.trainer import Trainer  # noqa: E402
-from test_vllm_trainer import R, _model_dir, _prompts, make_cfg  # noqa: E402
-from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from test_vllm_trainer import SyncRecorder, vllm_run  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 STEPS = 4
 
 
-class LoraCheckedTrainer(Trainer):
+class LoraCheckedTrainer(SyncRecorder):
     """Records the adapters of every weight sync; before the engine closes, greedy-decodes a few
     prompts with vLLM and with the JAX sampler on the merged model of the last synced adapters."""
-
-    def _sync(self):
-        before = self.engine_version
-        seconds = super()._sync()
-        if self.engine_version != before:
-            self.synced = (self.engine_version, jax.device_get(self.state.params))
-        return seconds
-
-    def _greedy(self, engine):
-        ids, mask = _prompts(self.model_config.vocab_size, self.tokenizer.pad_token_id)
-        return engine.generate(ids, mask, max_new_tokens=R, temperature=0.0, seed=0)
 
     def close(self):
         try:
@@ -54,23 +35,9 @@ class LoraCheckedTrainer(Trainer):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("vllm_lora_assets"))
-    tok = tiny_tokenizer()
-    rng = np.random.default_rng(0)
-    rows = [task.make_row(rng.integers(0, 10, 4), "train", i) for i in range(64)]
-    train = os.path.join(root, "train.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), train)
-    assets = dict(student=_model_dir(root, "student", tok, 1, 1), teacher=_model_dir(root, "teacher", tok, 2, 2),
-                  train=train, val="")
-    run_dir = tmp_path_factory.mktemp("vllm_lora_run")
-    cfg = make_cfg(assets, run_dir, **{
-        "rollout.engine": "vllm", "rollout.gpu_memory_utilization": 0.05, "gold.lmbda": 1.0,
-        "trainer.max_steps": STEPS, "trainer.scheduler": "sync", "checkpoint.enabled": False,
-        "optimizer.lr": 3e-2, "model.lora.rank": 8, "model.lora.alpha": 16.0,
-        "model.lora.targets": "q,k,v,o,gate,up,down,lm_head"})
-    t = LoraCheckedTrainer(cfg)
-    t.run()
-    return t, read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return vllm_run(tmp_path_factory, "vllm_lora", LoraCheckedTrainer, **{
+        "trainer.max_steps": STEPS, "trainer.scheduler": "sync", "optimizer.lr": 3e-2,
+        "model.lora.rank": 8, "model.lora.alpha": 16.0, "model.lora.targets": "q,k,v,o,gate,up,down,lm_head"})
 
 
 def test_lora_run_syncs_merged_weights_to_vllm(trained):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import run_builder
 
 pytest.importorskip("vllm")
 
@@ -52,9 +53,9 @@ def _prompts(vocab, pad):
     return ids, mask
 
 
-class CheckedTrainer(Trainer):
-    """Records the parameters of every weight sync; before the engine closes, greedy-decodes a
-    few prompts with vLLM and with the JAX sampler on the last synced parameters."""
+class SyncRecorder(Trainer):
+    """Keeps (engine version, trainable params) of the last weight sync that reached the engine;
+    `_greedy(engine)` decodes a few fixed prompts greedily."""
 
     def _sync(self):
         before = self.engine_version
@@ -66,6 +67,15 @@ class CheckedTrainer(Trainer):
     def _greedy(self, engine):
         ids, mask = _prompts(self.model_config.vocab_size, self.tokenizer.pad_token_id)
         return engine.generate(ids, mask, max_new_tokens=R, temperature=0.0, seed=0)
+
+
+class CheckedTrainer(SyncRecorder):
+    """Records the parameters of every weight sync; before the engine closes, greedy-decodes a
+    few prompts with vLLM and with the JAX sampler on the last synced parameters."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.theta0 = jax.device_get(self.state.params)
 
     def close(self):
         try:  # only after a finished run, so a failing run reports its own error
@@ -80,40 +90,34 @@ class CheckedTrainer(Trainer):
             super().close()
 
 
-def make_cfg(assets, run_dir, **over):
-    from configs import tiny
-    c = tiny.get_config()
-    c.run_dir = str(run_dir)
-    c.model.student_path, c.model.teacher_path = assets["student"], assets["teacher"]
-    c.data.train_files, c.data.val_files = assets["train"], assets["val"]
-    for k, v in over.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("vllm_assets"))
+def vllm_assets(root):
+    """Student (1 layer), teacher (2 layers) and 64 demo-task train rows under `root`; no val set."""
     tok = tiny_tokenizer()
     rng = np.random.default_rng(0)
     rows = [task.make_row(rng.integers(0, 10, 4), "train", i) for i in range(64)]
     train = os.path.join(root, "train.parquet")
     pq.write_table(pa.Table.from_pylist(rows), train)
-    assets = dict(student=_model_dir(root, "student", tok, 1, 1), teacher=_model_dir(root, "teacher", tok, 2, 2),
-                  train=train, val="")
-    run_dir = tmp_path_factory.mktemp("vllm_run")
-    cfg = make_cfg(assets, run_dir, **{
+    return dict(student=_model_dir(root, "student", tok, 1, 1), teacher=_model_dir(root, "teacher", tok, 2, 2),
+                train=train, val="")
+
+
+def vllm_run(tmp_path_factory, name: str, trainer_cls, **over):
+    """A finished `trainer_cls` run on configs/tiny.py with rollout.engine="vllm", every batch
+    student-sampled, no checkpoints, and `over`; returns (trainer, metrics rows)."""
+    assets = vllm_assets(str(tmp_path_factory.mktemp(f"{name}_assets")))
+    run_dir = tmp_path_factory.mktemp(f"{name}_run")
+    cfg = run_builder.tiny_config(run_dir, assets, **{
         "rollout.engine": "vllm", "rollout.gpu_memory_utilization": 0.05, "gold.lmbda": 1.0,
-        "trainer.max_steps": STEPS, "trainer.scheduler": "one_step_off", "checkpoint.enabled": False,
-        "optimizer.lr": 1e-2})
-    t = CheckedTrainer(cfg)
-    t.theta0 = jax.device_get(t.state.params)
+        "checkpoint.enabled": False, **over})
+    t = trainer_cls(cfg)
     t.run()
     return t, read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return vllm_run(tmp_path_factory, "vllm", CheckedTrainer, **{
+        "trainer.max_steps": STEPS, "trainer.scheduler": "one_step_off", "optimizer.lr": 1e-2})
 
 
 def test_run_writes_every_metric_on_policy(trained):
