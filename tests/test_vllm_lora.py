@@ -26,7 +26,9 @@ class LoraCheckedTrainer(SyncRecorder):
         try:
             if getattr(self, "synced", None) is not None and self.step == self.total_steps:
                 version, adapters = self.synced
-                merged = self.lora.merged_model(jax.device_put(adapters, jax.devices()[0]))
+                # Back onto the adapters' own shardings: the frozen base lives on the training mesh.
+                shardings = jax.tree.map(lambda x: x.sharding, self.state.params)
+                merged = self.lora.merged_model(jax.device_put(adapters, shardings))
                 sampler = JaxSampler(merged, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id)
                 self.greedy = {"vllm": self._greedy(self.engine), "jax": self._greedy(sampler), "version": version}
         finally:

@@ -70,7 +70,7 @@ def engine(models, eos, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("vllm_student"))
     save_pretrained(models[0], path)
     eng = make_engine("vllm", None, eos_id=eos, pad_id=PAD, model_dir=path,
-                      gpu_memory_utilization=0.05, max_model_len=64)
+                      gpu_memory_utilization=0.15, max_model_len=64)
     yield eng
     eng.close()
 

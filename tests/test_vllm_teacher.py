@@ -56,7 +56,7 @@ def jax_backend(model_dir):
 
 @pytest.fixture(scope="module")
 def backend(model_dir):
-    be = make_backend("vllm", model_dir, gpu_memory_utilization=0.05, max_model_len=64)
+    be = make_backend("vllm", model_dir, gpu_memory_utilization=0.15, max_model_len=64)
     yield be
     be.close()
 

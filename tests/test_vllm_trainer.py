@@ -107,7 +107,7 @@ def vllm_run(tmp_path_factory, name: str, trainer_cls, **over):
     assets = vllm_assets(str(tmp_path_factory.mktemp(f"{name}_assets")))
     run_dir = tmp_path_factory.mktemp(f"{name}_run")
     cfg = run_builder.tiny_config(run_dir, assets, **{
-        "rollout.engine": "vllm", "rollout.gpu_memory_utilization": 0.05, "gold.lmbda": 1.0,
+        "rollout.engine": "vllm", "rollout.gpu_memory_utilization": 0.15, "gold.lmbda": 1.0,
         "checkpoint.enabled": False, **over})
     t = trainer_cls(cfg)
     t.run()
