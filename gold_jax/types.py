@@ -54,3 +54,7 @@ class TeacherScores:
     # H7: signal "hidden": [B, R, H] bfloat16 final normed hidden states (logprobs, ids, token_logprob None);
     # a colocated teacher sends nothing at all (every field None: the train step runs it).
     hidden: np.ndarray | None = None
+    # H10 (issue 15), signal "cross": the teacher's top-k aligned to the student's tokens. logprobs/ids/topk_logmass
+    # sit at student positions (ids: the student ids of the teacher's top-k, -1 without a twin; token_logprob None);
+    # this dict holds logscale/span_id/loss_mask [B, R] and unaligned/scored [B] (gold_jax.crosstok.request).
+    cross: dict | None = None

@@ -168,10 +168,10 @@ def test_malformed_oversized_and_random_bytes_get_error_replies():
             "random frames": [rng.bytes(10), rng.bytes(33)],
             "not a map": [msgpack.packb([1, 2, 3])],
             "bad version": [msgpack.packb({"v": 99, "id": "x", "op": "ping"})],
-            "unknown op": [msgpack.packb({"v": 1, "id": "x", "op": "rm -rf", "args": {}, "arrays": []})],
+            "unknown op": [msgpack.packb({"v": P.PROTOCOL_VERSION, "id": "x", "op": "rm -rf", "args": {}, "arrays": []})],
             "frame count": good[:1],
             "short array": [good[0], bytes(good[1])[:-4], good[2]],
-            "pickle dtype": [msgpack.packb({"v": 1, "id": "x", "op": "score", "args": {},
+            "pickle dtype": [msgpack.packb({"v": P.PROTOCOL_VERSION, "id": "x", "op": "score", "args": {},
                                             "arrays": [["input_ids", "object", [1]]]}), b"\x80\x04."],
             "oversized": [good[0], bytes(2 << 20), good[2]],
         }
@@ -358,8 +358,8 @@ def test_unhashable_dtype_and_wrong_types_get_bad_request_replies(teacher):
 def test_protocol_decoders_raise_only_protocol_errors():
     """Every message kind: wrong types in every field give ProtocolError, never TypeError/KeyError."""
     bad_fields = [None, True, -1, 1 << 62, 1.5, float("nan"), "s", b"b", [], [1, [2]], {}, {"k": [1]}]
-    reply = {"v": 1, "id": "r", "ok": False, "code": "busy", "error": "e", "meta": {}, "arrays": []}
-    request = {"v": 1, "id": "r", "op": "ping", "args": {}, "arrays": []}
+    reply = {"v": P.PROTOCOL_VERSION, "id": "r", "ok": False, "code": "busy", "error": "e", "meta": {}, "arrays": []}
+    request = {"v": P.PROTOCOL_VERSION, "id": "r", "op": "ping", "args": {}, "arrays": []}
     for base in (reply, request):
         for key in base:
             for v in bad_fields:
@@ -367,7 +367,7 @@ def test_protocol_decoders_raise_only_protocol_errors():
                     P.decode([msgpack.packb({**base, key: v})])
                 except P.ProtocolError:
                     pass
-    for kind, extra in [("ready", {"v": 1, "info": {}}), ("hb", {}), ("reply", {})]:
+    for kind, extra in [("ready", {"v": P.PROTOCOL_VERSION, "info": {}}), ("hb", {}), ("reply", {})]:
         for key in ["type", *extra]:
             for v in bad_fields:
                 try:
@@ -382,7 +382,7 @@ def test_protocol_decoders_raise_only_protocol_errors():
                 except P.ProtocolError:
                     pass
     with pytest.raises(P.ProtocolError) as e:
-        P.decode([msgpack.packb({**reply, "v": 2})])
+        P.decode([msgpack.packb({**reply, "v": P.PROTOCOL_VERSION + 1})])
     assert e.value.code == P.ErrorCode.VERSION_MISMATCH
 
 
@@ -416,13 +416,13 @@ def test_malformed_replies_fail_the_future_and_the_client_keeps_working():
         if h["op"] == "ping":   # a valid reply: the client still works afterwards
             return P.encode_reply(h["id"], meta={"pong": True, "workers": 1})
         if h["op"] == "info":   # a server of another protocol version
-            return P.encode_reply(h["id"], meta={"protocol_version": 2})
+            return P.encode_reply(h["id"], meta={"protocol_version": P.PROTOCOL_VERSION + 1})
         if h["args"]["top_k"] == 1:  # unhashable dtype in the reply (the crash of issue 12)
-            return [msgpack.packb({"v": 1, "id": h["id"], "ok": True, "meta": {},
+            return [msgpack.packb({"v": P.PROTOCOL_VERSION, "id": h["id"], "ok": True, "meta": {},
                                    "arrays": [["logprobs", ["float32"], [1]]]}), b"\0" * 4]
         if h["args"]["top_k"] == 2:  # garbage without an id, then nothing
             return [b"\xc1garbage"]
-        return [msgpack.packb({"v": 1, "id": h["id"], "ok": False, "code": {"x": 1}, "error": 5})]
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION, "id": h["id"], "ok": False, "code": {"x": 1}, "error": 5})]
 
     fake = FakeServer(respond)
     batch = make_batch(np.random.default_rng(0))
@@ -434,7 +434,7 @@ def test_malformed_replies_fail_the_future_and_the_client_keeps_working():
                 c.score(batch, top_k=3, temperature=1.0).result(10)
             with pytest.raises(TimeoutError):   # unattributable garbage: dropped, the request times out
                 c.score(batch, top_k=2, temperature=1.0).result(10)
-            with pytest.raises(ValueError, match="protocol version 2"):
+            with pytest.raises(ValueError, match=f"protocol version {P.PROTOCOL_VERSION + 1}"):
                 c.info()
             assert c.ping()["pong"] is True
             assert c.stats["bad_replies"] >= 3 and c._thread.is_alive()
@@ -522,7 +522,7 @@ def test_worker_survives_malformed_tasks_and_server_rejects_bad_workers(teacher)
         assert router.poll(10_000)
         wid, ready = router.recv_multipart()
         assert P.decode_worker_message([ready]).kind == "ready"
-        unhashable = [msgpack.packb({"v": 1, "id": "u", "op": "score", "args": {"top_k": 3, "temperature": 1.0},
+        unhashable = [msgpack.packb({"v": P.PROTOCOL_VERSION, "id": "u", "op": "score", "args": {"top_k": 3, "temperature": 1.0},
                                      "arrays": [["input_ids", ["int32"], [1, 4]]]}), bytes(16)]
         for bad in ([b"\xc1"], [msgpack.packb({"type": "task", "n_frames": [{"a": 1}]}), b"x"],
                     [msgpack.packb({"type": "task", "n_frames": [5]}), b"x"], [msgpack.packb({"type": ["task"]})]):
@@ -554,7 +554,7 @@ def test_worker_survives_malformed_tasks_and_server_rejects_bad_workers(teacher)
     back.connect(teacher.server.worker_address)
     try:
         info = {**FakeBackend().info(), "vocab_size": [50]}
-        back.send(msgpack.packb({"type": "ready", "v": 1, "info": info}))
+        back.send(msgpack.packb({"type": "ready", "v": P.PROTOCOL_VERSION, "info": info}))
         assert back.poll(10_000)
         m = P.decode_server_message(back.recv_multipart())
         assert m.kind == "reject" and "vocab_size" in m.error

@@ -25,11 +25,13 @@ FIELDS = ("teacher_logprobs", "teacher_student_ids", "teacher_logmass", "teacher
           "loss_mask")
 
 
-def student_fields(al: Alignment, vm: VocabMap, teacher_logprobs: np.ndarray, teacher_ids: np.ndarray,
+def student_fields(al: Alignment, vm: VocabMap | None, teacher_logprobs: np.ndarray, teacher_ids: np.ndarray,
                    teacher_logmass: np.ndarray, teacher_token_logprobs: np.ndarray,
                    strategy: str = "observed") -> dict[str, np.ndarray]:
     """Arrays [n_student(, k)] for one sequence (see FIELDS).
 
+    vm None keeps the teacher's own ids in "teacher_student_ids" (the server side:
+    the client maps them with its VocabMap, gold_jax.crosstok.request).
     teacher_logprobs / teacher_ids [n_teacher, k]: the teacher's top-k at each of
     its positions (position j predicts teacher token j); teacher_logmass
     [n_teacher]; teacher_token_logprobs [n_teacher]: log-prob of the actual
@@ -53,7 +55,8 @@ def student_fields(al: Alignment, vm: VocabMap, teacher_logprobs: np.ndarray, te
     for r in np.nonzero(sa.base)[0]:
         tb = sa.teacher_base[r]
         out["teacher_logprobs"][r] = teacher_logprobs[tb]
-        out["teacher_student_ids"][r] = vm.map_ids(np.asarray(teacher_ids[tb]))
+        t_ids = np.asarray(teacher_ids[tb])
+        out["teacher_student_ids"][r] = t_ids if vm is None else vm.map_ids(t_ids)
         out["teacher_logmass"][r] = teacher_logmass[tb]
         out["teacher_logscale"][r] = clamped[list(sa.teacher_scalar_pos[sa.span_id[r]])].sum()
     return out

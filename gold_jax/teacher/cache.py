@@ -42,7 +42,7 @@ class CachedScorer:
     # -------------------------------------------------------------- keys and files
     @staticmethod
     def _key(prompt: np.ndarray, completion: np.ndarray, top_k: int, temperature: float,
-             signal: str = "logprobs") -> str:
+             signal: str = "logprobs", mode: str = "") -> str:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(prompt, np.int32).tobytes())
         h.update(b"|")
@@ -50,14 +50,17 @@ class CachedScorer:
         h.update(f"|{int(top_k)}|{float(temperature)!r}".encode())
         if signal != "logprobs":   # H7: hidden states (keys of log-prob rows are unchanged)
             h.update(f"|{signal}".encode())
+        if mode:   # issue 15: cross-tokenizer rows depend on the student tokenizer and the uld_* switches
+            h.update(f"|{mode}".encode())
         return h.hexdigest()
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, key[:2], key + ".npz")
 
-    def _row_keys(self, seq: SequenceBatch, top_k: int, temperature: float, signal: str = "logprobs") -> list[str]:
+    def _row_keys(self, seq: SequenceBatch, top_k: int, temperature: float, signal: str = "logprobs",
+                  mode: str = "") -> list[str]:
         return [self._key(seq.prompt_ids[i][seq.prompt_mask[i] == 1], seq.completion_ids[i][seq.completion_mask[i] == 1],
-                          top_k, temperature, signal) for i in range(seq.prompt_ids.shape[0])]
+                          top_k, temperature, signal, mode) for i in range(seq.prompt_ids.shape[0])]
 
     def _load(self, key: str) -> dict[str, np.ndarray] | None:
         path = self._path(key)
@@ -73,7 +76,10 @@ class CachedScorer:
     def _store(self, keys: list[str], seq: SequenceBatch, s: TeacherScores) -> None:
         for i, key in enumerate(keys):
             n = int(seq.completion_mask[i].sum())
-            if getattr(s, "hidden", None) is not None:
+            if getattr(s, "cross", None) is not None:   # issue 15: every field, with the row's counts
+                row = {"logprobs": s.logprobs[i, :n]}
+                row.update({f"cross.{k}": (v[i] if v.ndim == 1 else v[i, :n]) for k, v in s.cross.items()})
+            elif getattr(s, "hidden", None) is not None:
                 row = {"hidden_bits": np.ascontiguousarray(s.hidden[i, :n]).view(np.uint16)}
             else:
                 row = {"logprobs": s.logprobs[i, :n], "token_logprob": s.token_logprob[i, :n]}
@@ -89,6 +95,8 @@ class CachedScorer:
     def _assemble(rows: list[dict[str, np.ndarray]], seq: SequenceBatch) -> TeacherScores:
         """Pad rows to the batch's completion length with finite filler (masked out of the loss)."""
         b, r = seq.completion_ids.shape
+        if "cross.loss_mask" in rows[0]:
+            return CachedScorer._assemble_cross(rows, b, r)
         if "hidden_bits" in rows[0]:   # H7: zero filler past each row's completion (masked out of the loss)
             import ml_dtypes
             hid = np.zeros((b, r, rows[0]["hidden_bits"].shape[-1]), np.uint16)
@@ -108,13 +116,35 @@ class CachedScorer:
                 ids[i, :n], mass[i, :n] = row["ids"], row["topk_logmass"]
         return TeacherScores(logprobs=lp, ids=ids, topk_logmass=mass, token_logprob=tok)
 
+    @staticmethod
+    def _assemble_cross(rows: list[dict[str, np.ndarray]], b: int, r: int) -> TeacherScores:
+        """Cross rows padded with masked positions (loss_mask 0, no span, ids -1): gold_jax.crosstok.request."""
+        k = rows[0]["logprobs"].shape[-1]
+        lp, ids = np.zeros((b, r, k), np.float32), np.full((b, r, k), -1, np.int32)
+        mass = np.zeros((b, r), np.float32)
+        cross = {"logscale": np.zeros((b, r), np.float32), "span_id": np.full((b, r), -1, np.int32),
+                 "span_base": np.zeros((b, r), np.int32),
+                 "loss_mask": np.zeros((b, r), np.float32), "unaligned": np.zeros(b, np.int32),
+                 "scored": np.zeros(b, np.int32)}
+        for i, row in enumerate(rows):
+            n = row["logprobs"].shape[0]
+            lp[i, :n], ids[i, :n], mass[i, :n] = row["logprobs"], row["ids"], row["topk_logmass"]
+            for name, v in cross.items():
+                if v.ndim == 1:
+                    v[i] = row[f"cross.{name}"]
+                else:
+                    v[i, :n] = row[f"cross.{name}"]
+        return TeacherScores(logprobs=lp, ids=ids, topk_logmass=mass, token_logprob=None, cross=cross)
+
     # -------------------------------------------------------------- TeacherClient interface
     def score(self, seq: SequenceBatch, *, top_k: int, temperature: float, cache: bool = True,
-              signal: str = "logprobs") -> Future:
+              signal: str = "logprobs", cross: Any = None) -> Future:
         sig = {} if signal == "logprobs" else {"signal": signal}
+        if cross is not None:
+            sig["cross"] = cross
         if not cache:
             return self.client.score(seq, top_k=top_k, temperature=temperature, **sig)
-        keys = self._row_keys(seq, top_k, temperature, signal)
+        keys = self._row_keys(seq, top_k, temperature, signal, cross.key() if cross is not None else "")
         rows = [self._load(k) for k in keys]
         if all(r is not None for r in rows):
             self.hits += len(rows)

@@ -109,31 +109,56 @@ class TeacherClient:
     def ping(self) -> dict[str, Any]:
         return self._wait(self._call("ping", {}, {}, lambda m: dict(m.args)))
 
-    def check_student(self, vocab_size: int | None, tokenizer_fingerprint: str) -> dict[str, Any]:
+    def check_student(self, vocab_size: int | None, tokenizer_fingerprint: str,
+                      cross_tokenizer: bool = False) -> dict[str, Any]:
         """Fail at start-up (ValueError) when the teacher cannot score this student's tokens.
 
         Fingerprints, not sizes, decide: checkpoints sharing a tokenizer may pad their
         embeddings differently (151936 vs 152064 rows), and the teacher never returns
         ids beyond the tokenizer, so any student with at least that many rows fits.
+        Another tokenizer is refused unless `cross_tokenizer` (config gold.cross_tokenizer):
+        then the info comes back with "cross": True and the run scores text (issue 15).
         """
         info = self.info()
         if info["tokenizer_fingerprint"] != tokenizer_fingerprint:
-            raise ValueError(
-                f"teacher at {self.address} ({info['model_name']}) uses a different tokenizer: fingerprint "
-                f"{info['tokenizer_fingerprint'][:16]}... != student's {str(tokenizer_fingerprint)[:16]}...; "
-                "teacher and student must share the same tokenizer (cross-tokenizer distillation, "
-                "gold.cross_tokenizer, is not wired through the teacher server yet: issue 15)")
+            if not cross_tokenizer:
+                raise ValueError(
+                    f"teacher at {self.address} ({info['model_name']}) uses a different tokenizer: fingerprint "
+                    f"{info['tokenizer_fingerprint'][:16]}... != student's {str(tokenizer_fingerprint)[:16]}...; "
+                    "share the student's tokenizer, or set gold.cross_tokenizer=True to distill across "
+                    "tokenizers (ULD / hybrid loss on aligned text spans)")
+            if not info.get("cross_tokenizer"):
+                raise ValueError(f"gold.cross_tokenizer=True: the teacher at {self.address} ({info['model_name']}) "
+                                 "does not score text for another tokenizer (its backend has no tokenizer)")
+            return {**info, "cross": True}
         if vocab_size is not None and vocab_size < info["vocab_size"]:
             raise ValueError(
                 f"student vocab_size (embedding rows) {vocab_size} is smaller than the tokenizer size "
                 f"{info['vocab_size']} of the teacher at {self.address}")
-        return info
+        return {**info, "cross": False}
 
-    def score(self, batch: SequenceBatch, *, top_k: int, temperature: float, signal: str = "logprobs") -> Future:
+    def vocab(self) -> dict[str, int]:
+        """The teacher's token string -> id map (issue 15: fetched once per cross-tokenizer run)."""
+        info = self.info()
+        return self._wait(self._call("vocab", {}, {},
+                                     lambda m: P.vocab_from_message(m, vocab_size=info["embedding_size"])))
+
+    def score(self, batch: SequenceBatch, *, top_k: int, temperature: float, signal: str = "logprobs",
+              cross: Any = None) -> Future:
         """Future[TeacherScores] for the completion span of `batch` (R rows); signal "hidden" (H7): the
-        teacher's final normed hidden states [B, R, H] in bfloat16 instead of log-probs."""
+        teacher's final normed hidden states [B, R, H] in bfloat16 instead of log-probs; signal "cross"
+        (issue 15, `cross` a gold_jax.crosstok.request.CrossSpec): the text goes, the teacher's top-k comes
+        back aligned to the student's positions, ids mapped into the student vocabulary."""
         if not isinstance(batch, SequenceBatch):
             raise TypeError(f"batch must be a SequenceBatch, got {type(batch).__name__}")
+        if signal == "cross":
+            if cross is None:
+                raise ValueError("signal 'cross' needs the run's CrossSpec (cross=...)")
+            args, arrays = cross.request(batch)
+            b, r = batch.completion_ids.shape
+            return self._call("score", {"top_k": int(top_k), "temperature": float(temperature), **args}, arrays,
+                              lambda m: cross.to_student_ids(P.cross_scores_from_message(m, batch=b, rows=r,
+                                                                                           top_k=int(top_k))))
         ids = np.asarray(batch.input_ids, np.int32)
         mask = np.asarray(batch.attention_mask, np.int32)
         b, r = ids.shape[0], batch.completion_ids.shape[1]

@@ -20,13 +20,18 @@ class TeacherHandle:
     """Scores at the run's fixed top-k and temperature; owns (and closes) what it wraps."""
 
     def __init__(self, client: Any, *, top_k: int, temperature: float, cache: Any = None, server: Any = None,
-                 signal: str = "logprobs", step_teacher: Any = None):
+                 signal: str = "logprobs", step_teacher: Any = None, cross: Any = None):
         """`client`: a TeacherClient; `cache`: a CachedScorer over it or None; `server`: an embedded
         LocalTeacher or None."""
         self.client, self.cache, self.server = client, cache, server
         self.top_k, self.temperature = int(top_k), float(temperature)
         # H7: signal "hidden" asks for hidden states; step_teacher holds the teacher's head for the step.
         self.signal, self.step_teacher = signal, step_teacher
+        # Issue 15: a teacher of another tokenizer (gold_jax.crosstok.request.CrossSpec): scores come back
+        # aligned to the student's tokens; `cross.vocab_map` feeds the hybrid loss.
+        self.cross = cross
+        if cross is not None:
+            self.signal = "cross"
 
     def score(self, seq: SequenceBatch, *, cacheable: bool = False) -> Future:
         """Future of TeacherScores. `cacheable`: rows whose tokens recur (dataset completions, not samples)."""
@@ -34,7 +39,9 @@ class TeacherHandle:
             return self.cache.score(seq, top_k=self.top_k, temperature=self.temperature, cache=True, **self._sig())
         return self.client.score(seq, top_k=self.top_k, temperature=self.temperature, **self._sig())
 
-    def _sig(self) -> dict[str, str]:
+    def _sig(self) -> dict[str, Any]:
+        if self.cross is not None:
+            return {"signal": "cross", "cross": self.cross}
         return {} if self.signal == "logprobs" else {"signal": self.signal}
 
     def generate(self, *args: Any, **kw: Any) -> Future:

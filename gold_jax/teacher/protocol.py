@@ -15,6 +15,15 @@ dropped and logged), never a crash or an allocation it chose.
 
 `info` replies carry ``protocol_version``: the handshake in which a client
 finds out that it speaks another version than the server.
+
+Version 2 (issue 15, cross-tokenizer distillation) adds the ``uint8`` dtype,
+the ``vocab`` op (the teacher's token strings, fetched once per run) and the
+``cross`` score: the client sends, per sequence, the prompt and completion
+*text* (UTF-8, decoded with the student tokenizer) and the byte offset where
+each student completion token ends; the teacher tokenizes the text with its
+own tokenizer, scores, aligns and answers per *student* position
+(gold_jax.crosstok.request). A version-1 peer gets VERSION_MISMATCH naming
+both versions.
 """
 from __future__ import annotations
 
@@ -30,11 +39,15 @@ import numpy as np
 
 from gold_jax.types import RolloutResult, SequenceBatch, TeacherScores
 
-PROTOCOL_VERSION = 1
-OPS = ("info", "score", "generate", "ping", "head")
+PROTOCOL_VERSION = 2   # 2: uint8 arrays, the "vocab" op and cross-tokenizer scores (issue 15)
+OPS = ("info", "score", "generate", "ping", "head", "vocab")
 # bfloat16 travels as its raw 16 bits (little-endian), like the others.
-DTYPES = {"int32": np.dtype("<i4"), "float32": np.dtype("<f4"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-SIGNALS = ("logprobs", "hidden")   # what a score reply carries: top-k / full rows, or final hidden states
+DTYPES = {"int32": np.dtype("<i4"), "float32": np.dtype("<f4"), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "uint8": np.dtype("u1")}   # uint8: UTF-8 text (cross-tokenizer requests, the vocab reply)
+SIGNALS = ("logprobs", "hidden", "cross")   # a score reply: top-k / full rows, final hidden states, or
+#                                            top-k aligned to the student's tokens (issue 15)
+MERGE_STRATEGIES = ("observed", "bayesian")   # TRL GOLD's uld_token_merge_strategy (gold_jax.crosstok.align)
+MAX_VOCAB_BYTES = 64 << 20   # one `vocab` reply: the teacher's token strings
 
 MAX_MESSAGE_BYTES = 256 << 20   # whole request, header plus arrays
 MAX_HEADER_BYTES = 64 << 10
@@ -85,9 +98,9 @@ def _array_specs(arrays: Mapping[str, np.ndarray]) -> tuple[list, list]:
             continue
         a = np.asarray(a)
         dt = {np.dtype(np.int32): "int32", np.dtype(np.float32): "float32",
-              np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(a.dtype.newbyteorder("="))
+              np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.uint8): "uint8"}.get(a.dtype.newbyteorder("="))
         if dt is None:
-            raise TypeError(f"array {name!r}: dtype {a.dtype} is not sendable (int32, float32 or bfloat16 only)")
+            raise TypeError(f"array {name!r}: dtype {a.dtype} is not sendable (int32, float32, bfloat16 or uint8)")
         a = np.ascontiguousarray(a, dtype=DTYPES[dt])
         specs.append([name, dt, list(a.shape)])
         raw = a.view(np.uint16) if dt == "bfloat16" else a   # Python buffers know no bfloat16
@@ -363,7 +376,10 @@ def _tokens(arrays: Mapping, ids_key: str, mask_key: str, info: Mapping) -> tupl
 
 @_checked
 def validate_score(msg: Message, info: Mapping) -> dict[str, Any]:
-    """Checked score arguments: input_ids, attention_mask, top_k, temperature, completion_start."""
+    """Checked score arguments: input_ids, attention_mask, top_k, temperature, completion_start
+    (or, for signal "cross", the text arguments of `validate_cross_score`)."""
+    if msg.args.get("signal") == "cross":
+        return _cross_score(msg, info)
     ids, mask = _tokens(msg.arrays, "input_ids", "attention_mask", info)
     top_k = _int(msg.args, "top_k", 0, min(info["max_top_k"], info["vocab_size"]))
     temperature = _float(msg.args, "temperature", 0.0, 1e4, open_lo=True)
@@ -373,6 +389,8 @@ def validate_score(msg: Message, info: Mapping) -> dict[str, Any]:
     rows = ids.shape[1] - (cs if cs is not None else 1)
     signal = msg.args.get("signal", "logprobs")
     _check(signal in SIGNALS, f"'signal' must be one of {SIGNALS}, got {str(signal)[:32]!r}")
+    if signal == "cross":
+        raise ProtocolError("a cross-tokenizer score carries text, not input_ids")
     if signal == "hidden":
         _check(bool(info.get("hidden_size")), "this teacher does not serve hidden states (no hidden_size in info)")
         width = info["hidden_size"] // 4   # bfloat16: half of a float32 value, counted in 8-byte units below
@@ -387,8 +405,125 @@ def validate_score(msg: Message, info: Mapping) -> dict[str, Any]:
 def batch_key(score_args: Mapping[str, Any]) -> tuple:
     """Checked score requests with equal keys can be concatenated into one backend call."""
     a = score_args
+    if a.get("signal") == "cross":   # rows are tokenized and padded together by the worker
+        return ("score", a["top_k"], a["temperature"], None, a["student_ends"].shape[1], "cross", a["strategy"],
+                a["skip_teacher_eos"])
     return ("score", a["top_k"], a["temperature"], a["completion_start"], a["input_ids"].shape[1],
             a.get("signal", "logprobs"))
+
+
+def request_tokens(score_args: Mapping[str, Any]) -> int:
+    """The size of a checked score request, for the server's batching limit."""
+    if score_args.get("signal") == "cross":
+        return int(score_args["student_ends"].size + score_args["text"].size // 4)
+    return int(score_args["input_ids"].size)
+
+
+# ------------------------------------------------------ cross-tokenizer scores (issue 15)
+
+def _bool(args: Mapping, key: str, default: bool) -> bool:
+    v = args.get(key, default)
+    _check(isinstance(v, bool), f"{key!r} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def _cross_score(msg: Message, info: Mapping) -> dict[str, Any]:
+    """Checked cross-tokenizer score arguments (args signal="cross").
+
+    Arrays: text uint8 [n] (each row's prompt then completion, UTF-8, rows one after another),
+    text_offsets int32 [B, 2] (bytes of the row's prompt and of its completion), student_ends int32
+    [B, R]: where student completion token r ends, in bytes from the completion's start; -1 = inside
+    a character (no boundary), -2 = not scored (padding, a skipped EOS). Args: top_k, temperature,
+    strategy (observed | bayesian), skip_teacher_eos.
+    """
+    _check(bool(info.get("cross_tokenizer")), "this teacher cannot score text (its backend has no tokenizer): "
+           "cross-tokenizer distillation (gold.cross_tokenizer) needs a teacher backend that serves it")
+    a = msg.arrays
+    text, offs, ends = a.get("text"), a.get("text_offsets"), a.get("student_ends")
+    _check(text is not None and offs is not None and ends is not None,
+           "a cross score needs arrays 'text', 'text_offsets' and 'student_ends'")
+    _check(text.dtype == DTYPES["uint8"] and text.ndim == 1, "'text' must be uint8 [n]")
+    _check(offs.dtype == np.int32 and offs.ndim == 2 and offs.shape[1] == 2 and offs.shape[0] >= 1,
+           "'text_offsets' must be int32 [B, 2]")
+    _check(ends.dtype == np.int32 and ends.ndim == 2 and ends.shape[0] == offs.shape[0] and ends.shape[1] >= 1,
+           f"'student_ends' must be int32 [B, R] with B={offs.shape[0]}")
+    _check(ends.size <= MAX_TOKENS, f"B*R={ends.size} exceeds the limit {MAX_TOKENS}")
+    _check(bool((offs >= 0).all()) and int(offs.sum()) == text.size,
+           f"'text_offsets' must be >= 0 and add up to the {text.size} text bytes")
+    _check(bool((ends >= -2).all()) and bool((ends <= offs[:, 1:2]).all()),
+           "'student_ends' must lie in [-2, the row's completion bytes]")
+    raw, pos, pieces = bytes(text), 0, []
+    for b, (n_p, n_c) in enumerate(offs.tolist()):
+        try:
+            pieces.append((raw[pos:pos + n_p].decode("utf-8"), raw[pos + n_p:pos + n_p + n_c].decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"row {b}: the text is not valid UTF-8 ({e.reason})") from None
+        pos += n_p + n_c
+    top_k = _int(msg.args, "top_k", 1, min(info["max_top_k"], info["vocab_size"]))
+    temperature = _float(msg.args, "temperature", 0.0, 1e4, open_lo=True)
+    strategy = msg.args.get("strategy", "observed")
+    _check(strategy in MERGE_STRATEGIES, f"'strategy' must be one of {MERGE_STRATEGIES}, got {str(strategy)[:32]!r}")
+    _check(ends.size * (top_k + 4) <= MAX_MESSAGE_BYTES // 8,
+           f"reply of {ends.shape[0]}x{ends.shape[1]}x{top_k} values is too large; lower top_k or the batch")
+    return dict(text=text, text_offsets=offs, student_ends=ends, pieces=pieces, top_k=top_k,
+                temperature=temperature, strategy=strategy, signal="cross",
+                skip_teacher_eos=_bool(msg.args, "skip_teacher_eos", True))
+
+
+CROSS_REPLY = ("logprobs", "ids", "topk_logmass", "logscale", "span_id", "span_base", "loss_mask", "unaligned",
+               "scored")
+
+
+def cross_scores_from_message(msg: Message, *, batch: int, rows: int, top_k: int) -> TeacherScores:
+    """A cross score reply: per student position the teacher's aligned top-k (teacher ids, -1 none), its
+    log-mass, the span's log-scale, span ids and the loss mask; per row the unaligned and scored counts."""
+    a = msg.arrays
+    _check(all(k in a for k in CROSS_REPLY), f"cross score reply lacks one of {CROSS_REPLY}")
+    want = {"logprobs": ((batch, rows, top_k), np.float32), "ids": ((batch, rows, top_k), np.int32),
+            "topk_logmass": ((batch, rows), np.float32), "logscale": ((batch, rows), np.float32),
+            "span_id": ((batch, rows), np.int32), "span_base": ((batch, rows), np.int32),
+            "loss_mask": ((batch, rows), np.float32),
+            "unaligned": ((batch,), np.int32), "scored": ((batch,), np.int32)}
+    for k, (shape, dt) in want.items():
+        _check(a[k].shape == shape and a[k].dtype == dt,
+               f"cross score reply {k!r}: {a[k].dtype}{list(a[k].shape)}, expected {np.dtype(dt)}{list(shape)}")
+    cross = {k: a[k] for k in ("logscale", "span_id", "span_base", "loss_mask", "unaligned", "scored")}
+    return TeacherScores(logprobs=a["logprobs"], ids=a["ids"], topk_logmass=a["topk_logmass"], token_logprob=None,
+                         cross=cross)
+
+
+@_checked
+def validate_vocab(msg: Message, info: Mapping) -> dict[str, Any]:
+    """The `vocab` op takes no arguments; only a teacher that scores text serves it."""
+    _check(bool(info.get("cross_tokenizer")), "this teacher does not serve its vocabulary (no tokenizer)")
+    return {}
+
+
+def vocab_to_arrays(vocab: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """token string -> id as arrays: the UTF-8 strings concatenated, their end offsets, their ids."""
+    items = sorted(vocab.items(), key=lambda kv: kv[1])
+    raw = [s.encode("utf-8") for s, _ in items]
+    ends = np.cumsum([len(r) for r in raw], dtype=np.int64)
+    _check(not len(ends) or ends[-1] <= MAX_VOCAB_BYTES, "the vocabulary is too large to send")
+    return {"vocab_text": np.frombuffer(b"".join(raw), np.uint8), "vocab_ends": ends.astype(np.int32),
+            "vocab_ids": np.asarray([i for _, i in items], np.int32)}
+
+
+def vocab_from_message(msg: Message, *, vocab_size: int) -> dict[str, int]:
+    a = msg.arrays
+    text, ends, ids = a.get("vocab_text"), a.get("vocab_ends"), a.get("vocab_ids")
+    _check(text is not None and ends is not None and ids is not None, "vocab reply lacks its arrays")
+    _check(text.dtype == DTYPES["uint8"] and ends.dtype == np.int32 and ids.dtype == np.int32
+           and ends.shape == ids.shape and ends.ndim == 1, "vocab reply arrays have the wrong dtypes or shapes")
+    _check(len(ids) == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab_size),
+           f"vocab reply ids must lie in [0, {vocab_size})")
+    _check(bool(np.all(np.diff(ends) >= 0)) and (len(ends) == 0 or (ends[0] >= 0 and ends[-1] == text.size)),
+           "vocab reply offsets are not increasing up to the text size")
+    raw, out, start = bytes(text), {}, 0
+    for e, i in zip(ends.tolist(), ids.tolist()):
+        out[raw[start:e].decode("utf-8", errors="strict")] = i
+        start = e
+    return out
 
 
 @_checked

@@ -150,9 +150,12 @@ class TeacherServer:
         try:
             if msg.op == "score":
                 a = P.validate_score(msg, self.info)
-                task = _Task(msg.id, msg.op, frames, P.batch_key(a), a["input_ids"].size)
+                task = _Task(msg.id, msg.op, frames, P.batch_key(a), P.request_tokens(a))
             elif msg.op == "head":   # H7
                 P.validate_head(msg, self.info)
+                task = _Task(msg.id, msg.op, frames, None, 0)
+            elif msg.op == "vocab":   # issue 15
+                P.validate_vocab(msg, self.info)
                 task = _Task(msg.id, msg.op, frames, None, 0)
             else:
                 P.validate_generate(msg, self.info)

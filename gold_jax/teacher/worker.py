@@ -46,6 +46,9 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
                 w, n = backend.head()
                 replies[i] = P.encode_reply(rid, arrays={"head": w[:, a["start"]:a["start"] + a["count"]],
                                                          "norm": n})
+            elif msg.op == "vocab":   # issue 15: the teacher's token strings, once per cross-tokenizer run
+                P.validate_vocab(msg, info)
+                replies[i] = P.encode_reply(rid, arrays=P.vocab_to_arrays(_vocab(backend)))
             elif msg.op == "generate":
                 r = backend.generate(**P.validate_generate(msg, info))
                 replies[i] = P.encode_reply(rid, arrays=P.rollout_to_arrays(r))
@@ -61,7 +64,11 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
     groups: dict[tuple, list] = {}
     for item in scores:
         groups.setdefault(P.batch_key(item[2]), []).append(item)
-    for (_, top_k, temp, cs, _, signal), items in groups.items():
+    for key, items in groups.items():
+        _, top_k, temp, cs, _, signal = key[:6]
+        if signal == "cross":
+            _cross_group(backend, info, items, replies)
+            continue
         try:
             ids = np.concatenate([a["input_ids"] for _, _, a in items])
             mask = np.concatenate([a["attention_mask"] for _, _, a in items])
@@ -80,6 +87,44 @@ def run_task(backend: TeacherBackend, info: dict, requests: list[list]) -> list[
             for i, rid, _ in items:
                 replies[i] = P.encode_reply(rid, error=f"{type(e).__name__}: {e}")
     return replies
+
+
+def _vocab(backend: TeacherBackend) -> dict[str, int]:
+    tok = backend.tokenizer
+    try:
+        return dict(tok.get_vocab(with_added_tokens=True))
+    except TypeError:   # transformers' get_vocab() takes no argument and includes added tokens
+        return dict(tok.get_vocab())
+
+
+def _cross_group(backend: TeacherBackend, info: dict, items: list, replies: list) -> None:
+    """Cross-tokenizer score requests of one batch key (issue 15): one backend call for all their rows."""
+    from gold_jax.crosstok.request import score_rows
+    from gold_jax.data.special_tokens import eos_token_ids
+    a0 = items[0][2]
+    try:
+        pieces = [p for _, _, a in items for p in a["pieces"]]
+        ends = np.concatenate([a["student_ends"] for _, _, a in items])
+        try:
+            eos = eos_token_ids(backend.tokenizer)
+        except ValueError:
+            eos = ()
+        out = score_rows(backend, backend.tokenizer, pieces, ends, top_k=a0["top_k"], temperature=a0["temperature"],
+                         strategy=a0["strategy"], skip_teacher_eos=a0["skip_teacher_eos"], eos_ids=eos,
+                         max_length=info["max_length"])
+        off = 0
+        for i, rid, a in items:
+            b = a["student_ends"].shape[0]
+            replies[i] = P.encode_reply(rid, arrays={k: v[off:off + b] for k, v in out.items()})
+            off += b
+    except ValueError as e:   # the rows do not fit this teacher (too long): the sender's problem, one line
+        log.warning("cross score batch refused: %s", e)
+        for i, rid, _ in items:
+            replies[i] = P.encode_reply(rid, error=f"bad request: {e}", code=P.ErrorCode.BAD_REQUEST)
+    except Exception as e:  # noqa: BLE001
+        log.exception("cross score batch failed")
+        for i, rid, _ in items:
+            replies[i] = P.encode_reply(rid, error=f"{type(e).__name__}: {e}")
 
 
 class WorkerRejected(cli_errors.UserError):

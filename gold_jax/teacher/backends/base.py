@@ -19,6 +19,8 @@ from gold_jax.types import RolloutResult, TeacherScores
 INFO_KEYS = ("model_name", "vocab_size", "embedding_size", "tokenizer_fingerprint", "max_length", "max_top_k")
 # H7: a backend that serves hidden states (score signal "hidden") and its head (op "head") says so here.
 OPTIONAL_INFO_KEYS = ("hidden_size", "head_checksum")
+# Issue 15: "cross_tokenizer": True when the backend has a `tokenizer` attribute and scores text for a student
+# of another tokenizer (score signal "cross", op "vocab"; gold_jax.crosstok.request).
 
 
 class TeacherBackend(abc.ABC):
@@ -72,6 +74,10 @@ def check_info(info: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(c, str) or len(c) != 64:
             raise ValueError(f"teacher info 'head_checksum' must be a sha256 hex string, got {str(c)[:64]!r}")
         out.update(hidden_size=h, head_checksum=c)
+    if "cross_tokenizer" in info:
+        if not isinstance(info["cross_tokenizer"], bool):
+            raise ValueError(f"teacher info 'cross_tokenizer' must be a bool, got {info['cross_tokenizer']!r}")
+        out["cross_tokenizer"] = info["cross_tokenizer"]
     return out
 
 

@@ -67,7 +67,8 @@ class JaxBackend(TeacherBackend):
         self._info = {"model_name": model_name, "vocab_size": tokenizer_size(tokenizer),
                       "embedding_size": cfg.vocab_size, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                       "max_length": cfg.max_position_embeddings,
-                      "max_top_k": min(max_top_k, tokenizer_size(tokenizer))}
+                      "max_top_k": min(max_top_k, tokenizer_size(tokenizer)),
+                      "cross_tokenizer": True}   # issue 15: scores text for a student of another tokenizer
         if self._info["vocab_size"] > cfg.vocab_size:
             raise ValueError(f"tokenizer has {self._info['vocab_size']} ids but the model only "
                              f"{cfg.vocab_size} embedding rows")

@@ -112,7 +112,9 @@ class VllmBackend(TeacherBackend):
         self._info = {"model_name": model_name or os.path.basename(os.path.normpath(model_path)),
                       "vocab_size": vocab, "embedding_size": embed,
                       "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-                      "max_length": self.engine.max_model_len, "max_top_k": max_top_k}
+                      "max_length": self.engine.max_model_len, "max_top_k": max_top_k,
+                      "cross_tokenizer": True}   # issue 15: the worker aligns text through self.tokenizer
+        self.tokenizer = tok
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
