@@ -114,6 +114,11 @@ def _token_bytes_windowed(tokenizer: Decoder, ids: list[int]) -> TokenBytes | No
     decoded = tokenizer.decode_batch([ids] + [ids[s:i + 1] for i, s in enumerate(starts)]
                                      + [ids[s:i] for i, s in enumerate(starts)], skip_special_tokens=False)
     text, wins, bases = decoded[0], decoded[1:n + 1], decoded[n + 1:]
+    # The common case, no partial character anywhere: every token start is a boundary, every window
+    # valid, and the pieces must add up to the text (what the walk below would check piece by piece).
+    pieces = [w[len(b):] if w.startswith(b) else None for w, b in zip(wins, bases)]
+    if None not in pieces and not any(p.endswith(_PARTIAL) for p in pieces) and "".join(pieces) == text:
+        return TokenBytes(text, np.cumsum([len(p.encode("utf-8")) for p in pieces], dtype=np.int64))
     ends = np.full(n, -1, np.int64)
     commits = {0}
     prev_commit, done, done_chars, done_bytes = 0, 0, 0, 0
