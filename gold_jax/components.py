@@ -274,5 +274,6 @@ def make_eval_hooks(cfg: ml_collections.ConfigDict, demo: Any, model: nnx.Module
     from gold_jax.demo.plot import PlotHook
     hooks: list[Any] = [DemoAccuracy(demo.eval_file, model, tokenizer, n=cfg.demo.eval_n)]
     if jax.process_index() == 0:
-        hooks.append(PlotHook(run_dir))
+        # issue 18: the teacher's accuracy (assets.json) is the plot's reference line
+        hooks.append(PlotHook(run_dir, teacher_accuracy=demo.info.get("teacher", {}).get("accuracy")))
     return EvalHooks(hooks)

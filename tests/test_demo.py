@@ -114,6 +114,48 @@ def test_plot_run_writes_png(tmp_path):
     assert os.path.getsize(out) > 5000
 
 
+def test_plot_marks_on_and_off_policy_steps_and_the_teacher_line(tmp_path):
+    """Issue 18: the loss panel colours each step by its batch's source; the accuracy panel has the teacher."""
+    import matplotlib.pyplot as plt
+
+    from gold_jax.demo.plot import OFF_COLOR, ON_COLOR, figure
+    flags = [1.0 if s % 3 == 0 else 0.0 for s in range(1, 31)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s, flag in zip(range(1, 31), flags):
+            f.write(json.dumps({"step": s, "kind": "train", "actor/jsd_loss": 1.0 / s,
+                                "gold/is_on_policy": flag}) + "\n")
+        for s, a in ((0, 0.2), (15, 0.5), (30, 0.8)):
+            f.write(json.dumps({"step": s, "kind": "eval", "eval/accuracy": a}) + "\n")
+    fig = figure(str(tmp_path), teacher_accuracy=0.97)
+    try:
+        loss_ax, acc_ax = fig.axes
+        points = {c.get_label(): c for c in loss_ax.collections}
+        on = points["on-policy step (student samples)"]
+        off = points["off-policy step"]
+        assert sorted(on.get_offsets()[:, 0]) == [s for s, f in zip(range(1, 31), flags) if f == 1.0]
+        assert sorted(off.get_offsets()[:, 0]) == [s for s, f in zip(range(1, 31), flags) if f == 0.0]
+        np.testing.assert_allclose(on.get_offsets()[:, 1], 1.0 / on.get_offsets()[:, 0])
+        from matplotlib.colors import to_rgba
+        assert tuple(on.get_facecolor()[0]) == to_rgba(ON_COLOR)
+        assert tuple(off.get_facecolor()[0]) == to_rgba(OFF_COLOR)
+        assert "on-policy step (student samples)" in [t.get_text() for t in loss_ax.get_legend().get_texts()]
+        teacher = [ln for ln in acc_ax.get_lines() if ln.get_label().startswith("teacher")]
+        assert len(teacher) == 1 and list(teacher[0].get_ydata()) == [0.97, 0.97]
+        assert teacher[0].get_label() == "teacher (0.970)"
+        assert [t.get_text() for t in acc_ax.get_legend().get_texts()] == ["student", "teacher (0.970)"]
+    finally:
+        plt.close(fig)
+    # Without a teacher accuracy or on-policy flags (older runs): no line, no markers, still a figure.
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "kind": "train", "actor/jsd_loss": 1.0}) + "\n" for s in (1, 2)))
+    fig = figure(str(tmp_path))
+    try:
+        assert not fig.axes[0].collections
+        assert not [ln for ln in fig.axes[1].get_lines() if ln.get_label().startswith("teacher")]
+    finally:
+        plt.close(fig)
+
+
 def test_plot_run_without_metrics_is_a_clear_error(tmp_path):
     from gold_jax.demo.plot import plot_run
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
