@@ -41,6 +41,11 @@ def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
                          "config.data.train_files must be given together; leave all empty for the embedded demo")
     from gold_jax.demo.build import ensure_demo_assets   # the demo is optional: built on first use
     assets = ensure_demo_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
+    if cfg.demo.cross_teacher:   # issue 15: the same task's teacher with another tokenizer (built on first use)
+        from gold_jax.demo.cross_build import ensure_cross_assets
+        cross = ensure_cross_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
+        assets = dataclasses.replace(assets, teacher_dir=cross.teacher_dir,
+                                     info={**assets.info, "teacher": cross.info["teacher"]})
     with cfg.unlocked():
         cfg.model.student_path, cfg.model.teacher_path = assets.student_dir, assets.teacher_dir
         cfg.data.train_files, cfg.data.val_files = assets.train_file, assets.val_file
