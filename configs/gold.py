@@ -4,6 +4,7 @@ r"""GOLD recipe defaults (verl's GOLD recipe): on-policy logit distillation.
     python -m gold_jax.train --config configs/gold.py --config.gold.beta=0.7 \
         --config.gold.lmbda=0.8 --config.trainer.scheduler=two_step_off
     python -m gold_jax.train --config configs/gold.py:runlocal   # laptop-sized
+    python -m gold_jax.train --config configs/gold.py --config.demo.task=chain   # issue 18's task
 
 With empty model/data paths the run uses the embedded demo (a tiny teacher,
 student, tokenizer and sorting data built on first run in config.demo.cache_dir).

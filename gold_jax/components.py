@@ -40,7 +40,8 @@ def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
         raise ValueError("config.model.student_path, config.model.teacher_path (or config.teacher.address) and "
                          "config.data.train_files must be given together; leave all empty for the embedded demo")
     from gold_jax.demo.build import ensure_demo_assets   # the demo is optional: built on first use
-    assets = ensure_demo_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
+    assets = ensure_demo_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset,
+                                task=cfg.demo.get("task", "sort"))   # issue 18: sort | chain
     if cfg.demo.cross_teacher:   # issue 15: the same task's teacher with another tokenizer (built on first use)
         from gold_jax.demo.cross_build import ensure_cross_assets
         cross = ensure_cross_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
@@ -52,8 +53,9 @@ def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
         # The demo's own lengths (configs/gold.py sets them), where the run left data's defaults.
         base = config_lib.base_config().data
         for k in ("max_prompt_length", "max_response_length"):
-            if cfg.demo[k] and cfg.data[k] == base[k]:
-                cfg.data[k] = cfg.demo[k]
+            want = assets.info.get("data_lengths", {}).get(k, cfg.demo[k])   # the chain task's own
+            if want and cfg.data[k] == base[k]:
+                cfg.data[k] = want
     return assets
 
 

@@ -22,6 +22,7 @@ from gold_jax.names import (LR_SCHEDULES, MODEL_DTYPES, ROLLOUT_ENGINES, SCHEDUL
                             TEACHER_BACKENDS, TEACHER_MODES, TEACHER_SIGNALS, TOPK_MODES)
 
 DTYPES = ("auto",) + MODEL_DTYPES
+DEMO_TASKS = ("sort", "chain")   # gold_jax/demo/task.py, gold_jax/demo/chain_task.py (build.TASKS)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo = ml_collections.ConfigDict()
     c.demo.cache_dir = "~/.cache/gold_jax/demo"  # built once: tokenizer, teacher, student, parquet files
     c.demo.preset = "full"         # full (the README demo) | tiny (tests)
+    # Issue 18: sort (the README demo) | chain (long modular-arithmetic chains whose dataset
+    # completions are in another style than the teacher's; gold_jax/demo/chain_task.py).
+    c.demo.task = "sort"
     c.demo.eval_n = 256            # held-out prompts for the exact-match accuracy
     # H3: the demo task's data lengths (configs/gold.py sets them), applied only to a demo run that
     # left data.max_*_length at their defaults; 0 = keep data's.
@@ -220,6 +224,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
     _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
     from gold_jax.lora_config import config_errors as lora_errors   # H9: LoRA keys (no jax import)
+    _check(cfg.demo.get("task", "sort") in DEMO_TASKS, "demo.task", cfg.demo.get("task"),
+           f"must be one of {DEMO_TASKS}")   # issue 18
+    _check(not (cfg.demo.get("cross_teacher", False) and cfg.demo.get("task", "sort") != "sort"), "demo.task",
+           cfg.demo.get("task"), "the cross-tokenizer demo teacher (demo.cross_teacher) exists for sort only")
     for key, value, problem in lora_errors(cfg.model.lora):
         _check(False, key, value, problem)
     # With LoRA the base weights are frozen (param_dtype may be bfloat16); adapters stay float32.

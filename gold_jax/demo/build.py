@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from gold_jax.demo import task
+from gold_jax.demo import chain_task, task
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
@@ -61,6 +61,19 @@ class Preset:
     warmup: int = 50             # learning-rate warm-up steps of every SFT run
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainPreset(Preset):
+    """A preset of the chain task (chain_task.py, issue 18): long completions in two styles.
+
+    A subclass, so that the sorting presets' specs (and their built caches) are unchanged.
+    min_len/max_len count operations; teacher and student learn style A (response_teacher_style).
+    """
+    task: str = "chain"
+    max_positions: int = 160     # prompt (<= 56 tokens) + up to 96 generated tokens (evaluation)
+    max_prompt_length: int = 56  # the trainer's data lengths for this task (assets.json data_lengths)
+    max_response_length: int = 88   # style B of 12 operations is 87 tokens with EOS
+
+
 # head_dim 64 everywhere in "full": vLLM's CPU attention kernels need it.
 PRESETS = {
     "full": Preset(min_len=4, max_len=8, n_train=20000, n_val=256, n_eval=500,
@@ -74,7 +87,28 @@ PRESETS = {
                    teacher_steps=20, teacher_rounds=1, teacher_target=0.0,
                    student_max_steps=5, student_target=0.0, check_every=0, check_n=16, batch_size=32,
                    warmup=2),
+    # Issue 18's task (chain_task.py). Sized for a shared 2-core CPU: 12 operations, teacher SFT
+    # sequences of ~85 tokens. Names: f"{task}-{preset}" (ensure_demo_assets).
+    "chain-full": ChainPreset(min_len=12, max_len=12, n_train=10000, n_val=256, n_eval=256,
+                              teacher=ModelSpec(hidden=128, layers=2, heads=2, head_dim=64, intermediate=512),
+                              student=ModelSpec(hidden=64, layers=2, heads=1, head_dim=64, intermediate=256),
+                              teacher_steps=300, teacher_rounds=4, teacher_target=0.9,
+                              student_max_steps=400, student_target=0.25, check_every=25, check_n=128),
+    "chain-tiny": ChainPreset(min_len=3, max_len=4, n_train=256, n_val=16, n_eval=32,
+                              teacher=ModelSpec(hidden=32, layers=1, heads=2, head_dim=16, intermediate=64),
+                              student=ModelSpec(hidden=16, layers=1, heads=1, head_dim=16, intermediate=32),
+                              teacher_steps=20, teacher_rounds=1, teacher_target=0.0,
+                              student_max_steps=5, student_target=0.0, check_every=0, check_n=16,
+                              batch_size=32, warmup=2, max_prompt_length=32, max_response_length=40),
 }
+TASKS = ("sort", "chain")
+
+
+def preset_name(preset: str, task_name: str = "sort") -> str:
+    """The PRESETS key (and cache folder) of a task's preset: sort keeps the bare names."""
+    if task_name not in TASKS:
+        raise ValueError(f"task={task_name!r}: expected one of {TASKS}")
+    return preset if task_name == "sort" else f"{task_name}-{preset}"
 
 
 @dataclasses.dataclass
@@ -118,8 +152,13 @@ def _lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_demo_assets(cache_dir: str, *, preset: str = "full", progress: bool = True) -> DemoAssets:
-    """The demo's assets under cache_dir/<preset>, built first if missing, incomplete or stale."""
+def ensure_demo_assets(cache_dir: str, *, preset: str = "full", progress: bool = True,
+                       task: str = "sort") -> DemoAssets:
+    """The demo's assets under cache_dir/<preset>, built first if missing, incomplete or stale.
+
+    task="chain" picks the chain task's preset of that size (cache_dir/chain-<preset>).
+    """
+    preset = preset_name(preset, task) if preset in ("full", "tiny") else preset
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
     if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
@@ -155,13 +194,13 @@ def _write_parquet(rows: list[dict[str, Any]], path: str) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def _model_config(spec: ModelSpec, tokenizer: Any):
+def _model_config(spec: ModelSpec, tokenizer: Any, max_positions: int = 128):
     from gold_jax.models import ModelConfig
     return ModelConfig("qwen3", vocab_size=len(tokenizer), hidden_size=spec.hidden,
                        intermediate_size=spec.intermediate, num_layers=spec.layers, num_heads=spec.heads,
                        num_kv_heads=spec.heads, head_dim=spec.head_dim, qk_norm=True,
                        tie_word_embeddings=True,
-                       max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                       max_position_embeddings=max_positions, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
 
 
@@ -189,14 +228,21 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
 
     t = time.perf_counter()
     phases.set_postfix_str("data + tokenizer")
-    train, held = task.make_splits(p.n_train, p.n_val + p.n_eval, min_len=p.min_len, max_len=p.max_len,
+    chain = isinstance(p, ChainPreset)
+    tmod = chain_task if chain else task
+    train, held = tmod.make_splits(p.n_train, p.n_val + p.n_eval, min_len=p.min_len, max_len=p.max_len,
                                    seed=0)
     val = held[:p.n_val]
-    test = [task.make_row(_digits(r), "test", i) for i, r in enumerate(held[p.n_val:])]
+    if chain:
+        test = [{**r, "extra_info": {"split": "test", "index": i}} for i, r in enumerate(held[p.n_val:])]
+    else:
+        test = [task.make_row(_digits(r), "test", i) for i, r in enumerate(held[p.n_val:])]
     for name, rows in (("train", train), ("val", val), ("eval", test)):
         _write_parquet(rows, os.path.join(out, "data", f"{name}.parquet"))
-    tok = train_tokenizer(task.tokenizer_corpus(train + val), vocab_size=512)
-    data = encode_rows(tok, train)
+    tok = train_tokenizer(tmod.tokenizer_corpus(train + val), vocab_size=512)
+    # The chain task's teacher and warm-up learn style A; its parquet "response" (style B) is the dataset.
+    data = encode_rows(tok, train, response_key=chain_task.TEACHER_STYLE_KEY) if chain else encode_rows(tok, train)
+    max_pos = p.max_positions if chain else 128
     t = phase("data_tokenizer_s", t)
 
     def check(rows, target):
@@ -214,7 +260,7 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
         return fn, state
 
     phases.set_postfix_str("teacher")
-    teacher = init_model(_model_config(p.teacher, tok), seed=0)
+    teacher = init_model(_model_config(p.teacher, tok, max_pos), seed=0)
     t_check, t_state = check(val[:p.check_n], p.teacher_target)
     t_steps = 0
     for r in range(p.teacher_rounds):  # train until it solves the task; later rounds at a lower rate
@@ -227,7 +273,7 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
     t = phase("teacher_s", t)
 
     phases.set_postfix_str("student warm-up")
-    student = init_model(_model_config(p.student, tok), seed=1)
+    student = init_model(_model_config(p.student, tok, max_pos), seed=1)
     s_check, s_state = check(val[:p.check_n], p.student_target)
     s_steps = len(sft_train(student, data, steps=p.student_max_steps, batch_size=p.batch_size,
                             learning_rate=p.lr, warmup_steps=p.warmup, seed=1, progress=progress,
@@ -255,9 +301,13 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
                     "params": _n_params(student), "sft_steps": s_steps, **dataclasses.asdict(p.student),
                     "checks": s_state["history"]},
         "eval_n": len(test), "vocab_size": len(tok),
-        "task": {"min_len": p.min_len, "max_len": p.max_len, "n_train": len(train), "n_val": len(val)},
+        "task": {"min_len": p.min_len, "max_len": p.max_len, "n_train": len(train), "n_val": len(val),
+                 "name": "chain" if chain else "sort"},
         "timings_s": timings,
     }
+    if chain:   # the trainer's data lengths for this task (components.resolve_demo applies them)
+        info["data_lengths"] = {"max_prompt_length": p.max_prompt_length,
+                                "max_response_length": p.max_response_length}
     phase("save_s", t)
     # Wall time depends on who else uses the CPU: CPU time and the load average say how busy it was.
     info.update(build_s=round(time.perf_counter() - t_start, 2),

@@ -12,19 +12,33 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from gold_jax.demo import task
+from gold_jax.demo import chain_task, task
 from gold_jax.demo.sft import encode_rows
 from gold_jax.rollout.jax_sampler import JaxSampler
 
 MAX_NEW_TOKENS = 16  # the longest demo answer is 2 * max_len tokens + EOS, well under this
 
 
+def task_of(rows: Sequence[Mapping[str, Any]]):
+    """The task module that scores `rows` (by verl's data_source): the chain task or sorting."""
+    chain = [r.get("data_source") == chain_task.DATA_SOURCE for r in rows]
+    if any(chain) and not all(chain):
+        raise ValueError("rows mix the chain task with another task; evaluate one task at a time")
+    return chain_task if rows and chain[0] else task
+
+
+def default_max_new_tokens(rows: Sequence[Mapping[str, Any]]) -> int:
+    return chain_task.MAX_NEW_TOKENS if task_of(rows) is chain_task else MAX_NEW_TOKENS
+
+
 def greedy_completions(model_or_sampler: nnx.Module | JaxSampler, tokenizer: Any,
                        rows: Sequence[Mapping[str, Any]], *, batch_size: int = 256,
-                       max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False) -> list[str]:
-    """Greedy completion text for every row (special tokens dropped)."""
+                       max_new_tokens: int | None = None, progress: bool = False) -> list[str]:
+    """Greedy completion text for every row (special tokens dropped); max_new_tokens None = the task's."""
     if not rows:
         raise ValueError("rows is empty")
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(rows)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sampler = model_or_sampler
@@ -49,11 +63,15 @@ def greedy_completions(model_or_sampler: nnx.Module | JaxSampler, tokenizer: Any
 
 def evaluate_accuracy(model_or_sampler: nnx.Module | JaxSampler, tokenizer: Any,
                       rows: Sequence[Mapping[str, Any]], *, batch_size: int = 256,
-                      max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False) -> dict[str, float]:
-    """{"accuracy": exact-match share, "well_formed": share of digit-list answers, "n": rows}."""
+                      max_new_tokens: int | None = None, progress: bool = False) -> dict[str, float]:
+    """{"accuracy": exact-match share, "well_formed": share of well-formed answers, "n": rows}.
+
+    The task (sorting or chain, by the rows' data_source) scores and formats; chain: final answer only.
+    """
     texts = greedy_completions(model_or_sampler, tokenizer, rows, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, progress=progress)
-    correct = [task.score_completion(r, t) for r, t in zip(rows, texts)]
-    formed = [task.is_well_formed(t) for t in texts]
+    tmod = task_of(rows)
+    correct = [tmod.score_completion(r, t) for r, t in zip(rows, texts)]
+    formed = [tmod.is_well_formed(t) for t in texts]
     return {"accuracy": float(np.mean(correct)), "well_formed": float(np.mean(formed)),
             "n": float(len(rows))}
