@@ -39,6 +39,7 @@ def study_config(args, run_dir: str, seed: int, **over):
     c.seed, c.run_dir = seed, run_dir
     c.demo.cache_dir, c.demo.preset, c.demo.eval_n = args.cache_dir, "full", args.eval_n
     c.gold.lmbda = 1.0
+    c.gold.beta = 0.5   # the study's JSD rows: beta 0.5 (configs/gold.py's demo default became 0 in issue 18)
     c.trainer.max_steps = args.steps
     c.trainer.global_batch_size = args.batch
     c.optimizer.lr = args.lr
