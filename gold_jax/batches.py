@@ -49,6 +49,8 @@ class PendingBatch:
             raise RuntimeError(f"batch for step {self.step} has no teacher scores yet")
         out = {f"seq.{k}": getattr(self.seq, k) for k in _SEQ_KEYS}
         out.update({f"scores.{k}": getattr(self.scores, k) for k in _SCORE_KEYS if getattr(self.scores, k) is not None})
+        for k, v in (getattr(self.scores, "cross", None) or {}).items():   # H10: cross-tokenizer fields
+            out[f"scores.cross.{k}"] = np.asarray(v)
         if getattr(self.scores, "hidden", None) is not None:   # H7: bfloat16 as its raw bits
             out["scores.hidden_bits"] = np.ascontiguousarray(self.scores.hidden).view(np.uint16)
         out["meta"] = np.asarray([self.step, int(self.on_policy)], np.int64)
@@ -64,6 +66,9 @@ class PendingBatch:
         seq = SequenceBatch(*(np.asarray(d[f"seq.{k}"]) for k in _SEQ_KEYS))
         scores = TeacherScores(*(None if f"scores.{k}" not in d else np.asarray(d[f"scores.{k}"])
                                  for k in _SCORE_KEYS))
+        cross = {k[len("scores.cross."):]: np.asarray(v) for k, v in d.items() if k.startswith("scores.cross.")}
+        if cross:   # H10 (issue 15)
+            scores.cross = cross
         if "scores.hidden_bits" in d:
             import ml_dtypes
             scores.hidden = np.asarray(d["scores.hidden_bits"], np.uint16).view(ml_dtypes.bfloat16)
@@ -87,13 +92,16 @@ def train_arrays(seq: SequenceBatch, scores: TeacherScores, rows: np.ndarray | N
     """
     out = {"input_ids": seq.input_ids.astype(np.int32), "attention_mask": seq.attention_mask.astype(np.int32),
            "completion_mask": seq.completion_mask.astype(np.int32)}
+    cross = getattr(scores, "cross", None)
+    if cross is not None:   # H10 (issue 15): the teacher's top-k aligned to student positions (SIGNALS["cross"])
+        out.update(cross_arrays(scores))
     # H7: a colocated teacher sends nothing (the step runs it); a hidden-state teacher sends hidden states.
-    hidden = getattr(scores, "hidden", None)
+    hidden = None if cross is not None else getattr(scores, "hidden", None)
     if hidden is not None:
         out["teacher_hidden"] = hidden
-    elif scores.logprobs is not None:
+    elif scores.logprobs is not None and cross is None:
         out["teacher_logprobs"] = np.asarray(scores.logprobs, np.float32)
-    if scores.ids is not None:  # top-k rows; full rows (top_k = 0) have no ids
+    if scores.ids is not None and cross is None:  # top-k rows; full rows (top_k = 0) have no ids
         out["teacher_ids"] = np.asarray(scores.ids, np.int32)
         out["teacher_logmass"] = np.asarray(scores.topk_logmass, np.float32)
     if scores.token_logprob is not None:   # H8: OPD and the diagnostics read the sampled token's log-prob
@@ -108,6 +116,24 @@ def train_arrays(seq: SequenceBatch, scores: TeacherScores, rows: np.ndarray | N
             raise ValueError(f"teacher scores {k} have shape {out[k].shape}, expected "
                              f"[{seq.completion_ids.shape[0]}, {r}, ...] for the completion span")
     return out
+
+
+def cross_arrays(scores: TeacherScores) -> dict[str, np.ndarray]:
+    """The batch fields of the "cross" signal (gold_jax.crosstok.fields.FIELDS) from cross scores."""
+    c = scores.cross
+    return {"teacher_logprobs": np.asarray(scores.logprobs, np.float32),
+            "teacher_student_ids": np.asarray(scores.ids, np.int32),
+            "teacher_logmass": np.asarray(scores.topk_logmass, np.float32),
+            "teacher_logscale": np.asarray(c["logscale"], np.float32), "span_id": np.asarray(c["span_id"], np.int32),
+            "span_base": np.asarray(c["span_base"], np.int32), "loss_mask": np.asarray(c["loss_mask"], np.float32)}
+
+
+def unaligned_counts(scores: TeacherScores | None) -> tuple[int, int] | None:
+    """(unaligned, scored) student positions of a cross-tokenizer batch (gold/unaligned_frac); None otherwise."""
+    c = getattr(scores, "cross", None)
+    if c is None:
+        return None
+    return int(np.sum(c["unaligned"])), int(np.sum(c["scored"]))
 
 
 def rollout_seed(seed: int, step: int) -> int:

@@ -142,8 +142,15 @@ def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer
             address = local.address
         client = TeacherClient(address, timeout_s=cfg.teacher.timeout_s, max_retries=cfg.teacher.max_retries,
                                max_in_flight=cfg.teacher.max_in_flight)
-        _compare_teacher_tokenizer(cfg, tokenizer)   # H4: precise vocabulary differences, EOS/pad warnings
-        info = client.check_student(model.config.vocab_size, tokenizer_fingerprint(tokenizer))
+        fp = tokenizer_fingerprint(tokenizer)
+        if not cfg.gold.get("cross_tokenizer", False):
+            try:
+                _compare_teacher_tokenizer(cfg, tokenizer)   # H4: precise vocabulary differences, EOS/pad warnings
+            except ValueError as e:   # H10: the way out is the key
+                raise ValueError(f"{e}; set gold.cross_tokenizer=True to distill across tokenizers") from None
+        # H10 (issue 15): another tokenizer is refused unless gold.cross_tokenizer; then scores are aligned text.
+        info = client.check_student(model.config.vocab_size, fp, cross_tokenizer=bool(cfg.gold.get("cross_tokenizer")))
+        cross = _cross_spec(cfg, client, info, model, tokenizer, fp) if info.get("cross") else None
         if cfg.gold.top_k > info["max_top_k"]:
             raise ValueError(f"config.gold.top_k={cfg.gold.top_k} exceeds the teacher's max_top_k={info['max_top_k']}")
         cache = CachedScorer(client, config_lib.expand(cfg.teacher.cache_dir)) if cfg.teacher.cache_dir else None
@@ -154,8 +161,24 @@ def connect_teacher(cfg: ml_collections.ConfigDict, model: nnx.Module, tokenizer
         TeacherHandle(client, top_k=0, temperature=1.0, server=local).close()
         raise
     logging.info("teacher %s at %s: %s", info.get("model_name"), address, info)
-    return TeacherHandle(client, top_k=cfg.gold.top_k, temperature=cfg.gold.temperature, cache=cache, server=local,
-                         signal="hidden" if hidden else "logprobs", step_teacher=step_teacher)
+    temperature = cfg.gold.uld_teacher_temperature if cross is not None else cfg.gold.temperature
+    return TeacherHandle(client, top_k=cfg.gold.top_k, temperature=temperature, cache=cache, server=local,
+                         signal="hidden" if hidden else "logprobs", step_teacher=step_teacher, cross=cross)
+
+
+def _cross_spec(cfg: ml_collections.ConfigDict, client: Any, info: dict, model: nnx.Module, tokenizer: Any,
+                fp: str) -> Any:
+    """H10 (issue 15): the run's cross-tokenizer settings; the teacher's vocabulary is fetched here, once."""
+    from gold_jax.crosstok.request import CrossSpec, vocab_map_for
+    from gold_jax.data.special_tokens import eos_token_ids
+    vm = vocab_map_for(tokenizer, client.vocab(), student_vocab_size=model.config.vocab_size,
+                       teacher_vocab_size=info["vocab_size"])
+    g = cfg.gold
+    logging.info("cross-tokenizer teacher %s: %d of its %d tokens have a student twin (exact string)",
+                 info.get("model_name"), vm.n_matched, vm.teacher_vocab_size)
+    return CrossSpec(tokenizer, vm, eos_token_ids(tokenizer), strategy=g.uld_token_merge_strategy,
+                     skip_student_eos=bool(g.uld_skip_student_eos), skip_teacher_eos=bool(g.uld_skip_teacher_eos),
+                     student_fingerprint=fp)
 
 
 def _remote_head(cfg: ml_collections.ConfigDict, client: Any, info: dict, mesh: Any) -> Any:

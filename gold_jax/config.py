@@ -79,9 +79,20 @@ def base_config() -> ml_collections.ConfigDict:
     # "full" (rows of V log-probs), "hidden" (its final normed hidden states, bf16; the trainer holds its
     # lm head and the fused loss is the exact dense JSD). teacher.mode="colocated" always trains on "hidden".
     c.gold.teacher_signal = "topk"
-    # H10 (issue 15): a teacher with another tokenizer (ULD / hybrid losses, gold_jax/crosstok). The alignment and
-    # the losses exist; the server side does not yet, so True is refused by validate() for now.
+    # H10 (issue 15): a teacher with another tokenizer (gold_jax/crosstok). Same tokenizer fingerprint: the usual
+    # path whatever this says; another tokenizer: refused unless True, then the teacher server aligns text spans
+    # and the loss is TRL GOLD's ULD / hybrid (loss.impl "uld"). The uld_* keys are TRL GOLDConfig's, same meaning.
     c.gold.cross_tokenizer = False
+    c.gold.uld_use_hybrid_loss = False       # JSD (gold.beta) on the shared vocabulary + ULD on the rest
+    c.gold.uld_hybrid_matched_weight = None     # both None = adaptive (shared / teacher vocab, 1 - that)
+    c.gold.uld_hybrid_unmatched_weight = None
+    c.gold.uld_crossentropy_weight = 0.0     # x the student's NLL of its completion tokens
+    c.gold.uld_distillation_weight = 1.0     # x the ULD / hybrid term
+    c.gold.uld_student_temperature = 1.0     # student softmax temperature in the ULD / hybrid term
+    c.gold.uld_teacher_temperature = 1.0     # the temperature the teacher scores at (cross-tokenizer runs)
+    c.gold.uld_skip_student_eos = True       # student EOS positions are not in the loss
+    c.gold.uld_skip_teacher_eos = True       # spans holding a teacher EOS are not in the loss
+    c.gold.uld_token_merge_strategy = "observed"   # observed | bayesian: how a span's probabilities merge
 
     c.loss = ml_collections.ConfigDict()
     c.loss.impl = "auto"           # auto or a row of losses.registry.LOSSES: topk | fused | vocab_parallel | dense
@@ -197,8 +208,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(g.teacher_signal in TEACHER_SIGNALS, "gold.teacher_signal", g.teacher_signal,   # H7
            f"must be one of {TEACHER_SIGNALS}")
     _check(cfg.teacher.mode in TEACHER_MODES, "teacher.mode", cfg.teacher.mode, f"must be one of {TEACHER_MODES}")
-    _check(not g.get("cross_tokenizer", False), "gold.cross_tokenizer", g.get("cross_tokenizer"),   # H10
-           "cross-tokenizer distillation is not wired through the teacher server yet (issue 15)")
+    config_checks.check_uld(cfg)   # H10 (issue 15): the uld_* keys and what cross_tokenizer=True cannot combine with
     _check(t.scheduler in SCHEDULERS, "trainer.scheduler", t.scheduler, f"must be one of {SCHEDULERS}")
     _check(cfg.loss.impl in registry.loss_impls(), "loss.impl", cfg.loss.impl,
            f"must be one of {registry.loss_impls()}")
@@ -209,6 +219,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
            f"must be one of {TEACHER_BACKENDS}")
     _check(0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p", cfg.rollout.top_p, "must be in (0, 1]")
     _check(cfg.demo.preset in ("full", "tiny"), "demo.preset", cfg.demo.preset, "must be full or tiny")
+    _check(cfg.demo.get("task", "sort") in DEMO_TASKS, "demo.task", cfg.demo.get("task"),
+           f"must be one of {DEMO_TASKS}")   # issue 18
+    _check(not (cfg.demo.get("cross_teacher", False) and cfg.demo.get("task", "sort") != "sort"), "demo.task",
+           cfg.demo.get("task"), "the cross-tokenizer demo teacher (demo.cross_teacher) exists for sort only")
     _check(cfg.demo.eval_n >= 1, "demo.eval_n", cfg.demo.eval_n, "must be >= 1")
     for k in ("max_prompt_length", "max_response_length"):   # H3: the demo's data lengths
         _check(cfg.demo[k] >= 0, f"demo.{k}", cfg.demo[k], "must be >= 0 (0 = data's)")
@@ -224,10 +238,6 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
     _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
     from gold_jax.lora_config import config_errors as lora_errors   # H9: LoRA keys (no jax import)
-    _check(cfg.demo.get("task", "sort") in DEMO_TASKS, "demo.task", cfg.demo.get("task"),
-           f"must be one of {DEMO_TASKS}")   # issue 18
-    _check(not (cfg.demo.get("cross_teacher", False) and cfg.demo.get("task", "sort") != "sort"), "demo.task",
-           cfg.demo.get("task"), "the cross-tokenizer demo teacher (demo.cross_teacher) exists for sort only")
     for key, value, problem in lora_errors(cfg.model.lora):
         _check(False, key, value, problem)
     # With LoRA the base weights are frozen (param_dtype may be bfloat16); adapters stay float32.

@@ -43,8 +43,13 @@ def _embedding_size(model_dir: str) -> int | None:
 def check_combinations(cfg: ml_collections.ConfigDict) -> None:
     """loss.impl x gold.top_k x gold.topk_mode x mesh.tensor x rollout.engine x teacher.backend."""
     g, impl = cfg.gold, cfg.loss.impl
-    signal = registry.teacher_signal(g.top_k, g.teacher_signal, cfg.teacher.mode)
+    # H10: loss.impl="uld" with gold.cross_tokenizer asserts the teacher's tokenizer differs (checked at start-up).
+    cross = bool(g.get("cross_tokenizer", False)) and impl == "uld"
+    signal = registry.teacher_signal(g.top_k, g.teacher_signal, cfg.teacher.mode, cross=cross)
     why = registry.check(impl, signal, g.topk_mode)
+    if impl == "uld" and not cross:
+        _fail({"loss.impl": "uld", "gold.cross_tokenizer": g.get("cross_tokenizer", False)},
+              "the ULD / hybrid loss is for a teacher of another tokenizer: set gold.cross_tokenizer=True")
     if why and signal == "hidden":   # H7: hidden states (remote or colocated) need the fused loss
         key = {"teacher.mode": "colocated"} if cfg.teacher.mode == "colocated" else {"gold.teacher_signal": "hidden"}
         _fail({"loss.impl": impl, **key}, f"{why}; use loss.impl='fused' or 'auto'")
@@ -91,6 +96,52 @@ def _check_teacher_mode(cfg: ml_collections.ConfigDict, signal: str) -> None:
     elif signal == "hidden" and not t.address and t.backend != "jax":
         _fail({"gold.teacher_signal": "hidden", "teacher.backend": t.backend},
               "only the jax teacher backend serves hidden states")
+
+
+ULD_MERGE_STRATEGIES = ("observed", "bayesian")   # gold_jax.crosstok.align.MERGE_STRATEGIES (TRL's)
+
+
+def check_uld(cfg: ml_collections.ConfigDict) -> None:
+    """H10 (issue 15): TRL GOLD's uld_* keys, and the settings a cross-tokenizer run cannot use.
+
+    The uld_* values are checked whatever gold.cross_tokenizer says (a typo fails now, not when the
+    teacher turns out to have another tokenizer)."""
+    g = cfg.gold
+    if not isinstance(g.cross_tokenizer, bool):
+        _fail({"gold.cross_tokenizer": g.cross_tokenizer}, "must be True or False")
+    for k in ("uld_use_hybrid_loss", "uld_skip_student_eos", "uld_skip_teacher_eos"):
+        if not isinstance(g[k], bool):
+            _fail({f"gold.{k}": g[k]}, "must be True or False")
+    wm, wu = g.uld_hybrid_matched_weight, g.uld_hybrid_unmatched_weight
+    if (wm is None) != (wu is None):
+        _fail({"gold.uld_hybrid_matched_weight": wm, "gold.uld_hybrid_unmatched_weight": wu},
+              "set both (fixed weights) or leave both None (adaptive: shared / teacher vocabulary size)")
+    for k in ("uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight", "uld_crossentropy_weight",
+              "uld_distillation_weight"):
+        v = g[k]
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf")):
+            _fail({f"gold.{k}": v}, "must be a finite number >= 0")
+    for k in ("uld_student_temperature", "uld_teacher_temperature"):
+        v = g[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+            _fail({f"gold.{k}": v}, "must be a finite number > 0")
+    if g.uld_token_merge_strategy not in ULD_MERGE_STRATEGIES:
+        _fail({"gold.uld_token_merge_strategy": g.uld_token_merge_strategy}, f"must be one of {ULD_MERGE_STRATEGIES}")
+    if not g.cross_tokenizer:
+        return
+    on = {"gold.cross_tokenizer": True}
+    if g.top_k < 1 or g.teacher_signal != "topk":
+        _fail({**on, "gold.top_k": g.top_k, "gold.teacher_signal": g.teacher_signal},
+              "a teacher of another tokenizer sends its aligned top-k: gold.top_k >= 1 and gold.teacher_signal='topk'")
+    if cfg.teacher.mode != "server":
+        _fail({**on, "teacher.mode": cfg.teacher.mode}, "the alignment runs in the teacher server: teacher.mode='server'")
+    if g.loss != "jsd" or g.importance_correction:
+        _fail({**on, "gold.loss": g.loss, "gold.importance_correction": g.importance_correction},
+              "the cross-tokenizer loss is ULD / hybrid (gold.uld_*): gold.loss='jsd' and no importance correction")
+    if g.seq_kd:
+        _fail({**on, "gold.seq_kd": True}, "teacher-sampled completions are teacher tokens, not student tokens")
+    if cfg.loss.impl not in ("auto", "uld"):
+        _fail({**on, "loss.impl": cfg.loss.impl}, "a teacher of another tokenizer trains with loss.impl 'uld' or 'auto'")
 
 
 def _model_dir(key: str, path: str, need: tuple[str, ...], what: str) -> None:

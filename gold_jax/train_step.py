@@ -108,7 +108,7 @@ def loss_sum(model: nnx.Module, batch: dict[str, jax.Array], spec: LossSpec, mes
     p = batch["input_ids"].shape[1] - r
     # The distribution that predicts completion token j sits at position P-1+j (gold_jax.types).
     h = model.hidden(batch["input_ids"], batch["attention_mask"])[:, p - 1:p + r - 1]
-    if objective and uses_objective(spec) and "teacher_hidden" not in batch:
+    if objective and uses_objective(spec) and "teacher_hidden" not in batch and spec.impl != "uld":
         # H8: per-row JSD/OPD, importance weights and diagnostics: returns (sum, aux sums).
         from gold_jax.losses.objective import objective_sum
         return objective_sum(model, h, batch, spec, mesh)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from gold_jax import components, config as config_lib
 from gold_jax.onpolicy import opd_metrics
-from gold_jax.batches import END_OF_DATA, BatchProducer, PendingBatch, seq_from_data, train_arrays
+from gold_jax.batches import END_OF_DATA, BatchProducer, PendingBatch, seq_from_data, train_arrays, unaligned_counts
 from gold_jax.checkpoint import Checkpointer
 from gold_jax.data import iterator_state_from_json, iterator_state_to_json
 from gold_jax.data.pipeline import iterate
@@ -37,10 +37,13 @@ from gold_jax.models.flops import flops_per_token
 from gold_jax.train_step import LossSpec, batch_sharding, init_state, jit_train_step, make_optimizer, eval_loss
 
 
-def loss_spec(cfg: ml_collections.ConfigDict, mesh: Any, vocab_size: int) -> LossSpec:
+def loss_spec(cfg: ml_collections.ConfigDict, mesh: Any, vocab_size: int, cross: Any = None) -> LossSpec:
+    """`cross`: the teacher handle's CrossSpec when its tokenizer differs (H10, issue 15), else None."""
     from gold_jax.losses import registry
-    signal = registry.teacher_signal(cfg.gold.top_k, cfg.gold.teacher_signal, cfg.teacher.mode)
+    signal = registry.teacher_signal(cfg.gold.top_k, cfg.gold.teacher_signal, cfg.teacher.mode, cross=cross is not None)
     impl = registry.resolve_impl(cfg.loss.impl, signal, mesh.shape["tensor"])
+    if impl == "uld" and cross is None:
+        raise ValueError("config.loss.impl='uld': the teacher shares the student's tokenizer; use loss.impl='auto'")
     dtype = config_lib.resolve_dtype(cfg.model.dtype, jax.devices()[0].platform)
     g = cfg.gold
     return LossSpec(impl=impl, beta=float(g.beta), temperature=float(g.temperature),
@@ -49,7 +52,13 @@ def loss_spec(cfg: ml_collections.ConfigDict, mesh: Any, vocab_size: int) -> Los
                     loss=g.loss, opd_coef=float(g.opd_coef), opd_offpolicy_weight=float(g.opd_offpolicy_weight),
                     importance_correction=bool(g.importance_correction), importance_cap=float(g.importance_cap),
                     diagnostics=bool(g.diagnostics), always_on_policy=float(g.lmbda) == 1.0,
-                    per_row=g.lmbda_granularity == "sample")
+                    per_row=g.lmbda_granularity == "sample",
+                    **({} if cross is None else _cross_loss(g, cross)))
+
+
+def _cross_loss(g: Any, cross: Any) -> dict[str, Any]:
+    from gold_jax.crosstok.request import loss_settings   # H10: TRL's uld_* keys + the run's VocabMap
+    return loss_settings(g, cross.vocab_map)
 
 
 def _global(mesh: Any, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -104,7 +113,7 @@ class Trainer:
             dropout_seed = int(cfg.seed) if self.lora.spec.dropout > 0 else None
         tx, schedule = make_optimizer(cfg.optimizer, self.total_steps)
         self.state = init_state(params, tx)
-        spec = loss_spec(cfg, self.mesh, tokenizer_size(self.tokenizer))
+        spec = loss_spec(cfg, self.mesh, tokenizer_size(self.tokenizer), cross=getattr(self.teacher, "cross", None))
         # H7: a teacher held by the step (colocated model, or a remote teacher's head): a non-donated argument.
         st = getattr(self.teacher, "step_teacher", None)
         t_arrays, t_graph = (None, None) if st is None else (st.arrays, st.graphdef)
@@ -232,6 +241,9 @@ class Trainer:
         self.n_rows += int(pend.row_flags().size)
         self._log_samples(pend)
         rec = self._record(pend, met, arrays, sync_s, gen_s, teacher_s, now - t_upd, now - t0)
+        counts = unaligned_counts(pend.scores)   # H10 (issue 15): cross-tokenizer positions no span covers
+        if counts is not None:
+            rec["gold/unaligned_frac"] = counts[0] / max(counts[1], 1)
         rec.update(opd_metrics(met, pend, staleness, self.n_rows_on / max(self.n_rows, 1)))
         return rec
 

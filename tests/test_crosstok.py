@@ -371,7 +371,9 @@ def test_cross_tokenizer_key_and_refusal_message():
     cfg = config_lib.base_config()
     assert cfg.gold.cross_tokenizer is False
     cfg.gold.cross_tokenizer = True
-    with pytest.raises(ValueError, match="gold.cross_tokenizer"):
+    config_lib.validate(cfg)   # wired through the teacher server (tests/test_crosstok_wire.py)
+    cfg.gold.top_k = 0
+    with pytest.raises(ValueError, match="gold.cross_tokenizer.*gold.top_k"):
         config_lib.validate(cfg)
 
     class Stub:  # check_student only reads info() and address

@@ -187,5 +187,4 @@ def loss_settings(gold: Any, vocab_map: Any) -> dict[str, Any]:
                 uld_crossentropy_weight=float(gold.uld_crossentropy_weight),
                 uld_distillation_weight=float(gold.uld_distillation_weight),
                 uld_student_temperature=float(gold.uld_student_temperature),
-                student_shared=np.packbits(np.asarray(vocab_map.student_shared, bool)).tobytes(),
-                diagnostics=False, per_row=False)
+                student_shared=np.packbits(np.asarray(vocab_map.student_shared, bool)).tobytes())

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from gold_jax.losses.dense import generalized_jsd
@@ -84,3 +85,35 @@ def fused_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], s
                          chunk_size=spec.chunk_size, **_kw(spec))
     return fused_jsd(hidden, w, batch["teacher_logprobs"], batch["teacher_ids"], _mask(batch), mode=spec.mode,
                      chunk_size=spec.chunk_size, teacher_logmass=batch.get("teacher_logmass"), **_kw(spec))
+
+
+def student_shared_mask(spec: LossSpec, width: int) -> jax.Array:
+    """bool [width]: the student tokens with a teacher twin (LossSpec.student_shared, packed once per run)."""
+    if spec.student_shared is None:
+        return jnp.zeros((width,), bool)
+    bits = np.unpackbits(np.frombuffer(spec.student_shared, np.uint8), count=width)
+    return jnp.asarray(bits.astype(bool))
+
+
+def uld_loss_sum(model: Any, hidden: jax.Array, batch: dict[str, jax.Array], spec: LossSpec,
+                 mesh: Mesh | None) -> jax.Array:
+    """H10 (issue 15): uld_distillation_weight x (ULD or hybrid, at span bases) + uld_crossentropy_weight x
+    the student's NLL of its completion tokens (TRL GOLD's ULD loss), summed over the micro-batch."""
+    from gold_jax.crosstok.fields import FIELDS
+    from gold_jax.losses.uld import cross_per_token
+    logits = model.logits_from_hidden(hidden)
+    r = batch["completion_mask"].shape[1]
+    ids = batch["input_ids"][:, -r:]
+    fields = {k: batch[k] for k in FIELDS}
+    per = cross_per_token(logits, ids, fields, student_shared_mask(spec, logits.shape[-1]),
+                          temperature=spec.uld_student_temperature, beta=spec.beta,
+                          matched_weight=spec.uld_matched_weight, unmatched_weight=spec.uld_unmatched_weight,
+                          hybrid=spec.uld_hybrid, vocab_size=spec.vocab_size)
+    total = spec.uld_distillation_weight * jnp.sum(per)
+    if spec.uld_crossentropy_weight:
+        z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        if spec.vocab_size is not None and spec.vocab_size < z.shape[-1]:
+            z = jnp.where(jnp.arange(z.shape[-1]) < spec.vocab_size, z, -1e30)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        total = total + spec.uld_crossentropy_weight * jnp.sum(nll * _mask(batch))
+    return total

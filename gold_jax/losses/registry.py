@@ -37,6 +37,12 @@ SIGNALS: dict[str, Signal] = {
     "hidden": Signal(("teacher_hidden",), "the teacher's final normed hidden states (bfloat16 on the wire, or "
                      "computed in the step with teacher.mode='colocated'); teacher logits are built chunk by "
                      "chunk in the fused loss from the teacher's head: the exact dense JSD"),
+    # H10 (issue 15), gold.cross_tokenizer: a teacher of another tokenizer scores the same text and answers per
+    # *student* position (gold_jax.crosstok.request / fields.FIELDS): its top-k at each span's base position,
+    # ids mapped to the student vocabulary (-1 none), the span's merge log-scale, span ids and the loss mask.
+    "cross": Signal(("teacher_logprobs", "teacher_student_ids", "teacher_logmass", "teacher_logscale", "span_id",
+                     "span_base", "loss_mask"),
+                    "the teacher's top-k aligned to the student's tokens by text offsets (cross-tokenizer)"),
 }
 
 
@@ -71,6 +77,10 @@ LOSSES: dict[str, LossImpl] = {
     "vocab_parallel": LossImpl(f"{_ADAPTERS}:vocab_parallel_loss_sum", ("topk", "full"), needs_mesh=True,
                                doc="logits' vocab axis sharded over the tensor axis (shard_map, psum/pmax)"),
     "dense": LossImpl(f"{_ADAPTERS}:dense_loss_sum", ("full",), doc="JSD on full teacher rows"),
+    # H10 (issue 15): TRL GOLD's ULD (sorted L1, top-k + tail) or, gold.uld_use_hybrid_loss, its hybrid
+    # (JSD on the shared vocabulary + ULD on the rest), plus uld_crossentropy_weight x the student's NLL.
+    "uld": LossImpl(f"{_ADAPTERS}:uld_loss_sum", ("cross",),
+                    doc="cross-tokenizer ULD / hybrid on the teacher's aligned top-k (gold.cross_tokenizer)"),
 }
 
 
@@ -101,11 +111,23 @@ class LossSpec:
     diagnostics: bool = False      # top-k coverage metrics (teacher/topk_mass, ...) from the loss's own logits
     always_on_policy: bool = False  # lmbda == 1: no off-policy rows, so an opd run never needs the JSD
     per_row: bool = False          # gold.lmbda_granularity == "sample": rows of one batch differ
+    # H10 (issue 15), read by adapters.uld_loss_sum: TRL GOLD's uld_* settings (weights resolved at start-up:
+    # adaptive hybrid weights need the run's VocabMap) and the student's shared-vocabulary mask.
+    uld_hybrid: bool = False            # gold.uld_use_hybrid_loss
+    uld_matched_weight: float = 1.0
+    uld_unmatched_weight: float = 1.0
+    uld_crossentropy_weight: float = 0.0
+    uld_distillation_weight: float = 1.0
+    uld_student_temperature: float = 1.0
+    student_shared: bytes | None = None   # np.packbits of VocabMap.student_shared [student logit width]
 
 
-def teacher_signal(top_k: int, signal: str = "topk", mode: str = "server") -> str:
-    """The signal a config trains on: hidden states for a colocated teacher or gold.teacher_signal="hidden",
-    full rows for gold.teacher_signal="full" or gold.top_k == 0, else top-k."""
+def teacher_signal(top_k: int, signal: str = "topk", mode: str = "server", cross: bool = False) -> str:
+    """The signal a config trains on: aligned top-k for a teacher of another tokenizer (`cross`: the run's
+    start-up check found one and gold.cross_tokenizer allows it), hidden states for a colocated teacher or
+    gold.teacher_signal="hidden", full rows for gold.teacher_signal="full" or gold.top_k == 0, else top-k."""
+    if cross:
+        return "cross"
     if mode == "colocated" or signal == "hidden":
         return "hidden"
     return "full" if signal == "full" or int(top_k) == 0 else "topk"
@@ -115,6 +137,8 @@ def resolve_impl(impl: str, signal: str, tensor: int) -> str:
     """loss.impl with "auto" replaced: dense for full rows, vocab_parallel when the vocab is split, else topk."""
     if impl != "auto":
         return impl
+    if signal == "cross":
+        return "uld"     # the only loss that reads aligned cross-tokenizer fields
     if signal == "hidden":
         return "fused"   # the only loss that builds teacher logits from hidden states
     if signal == "full":
