@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gold_jax.losses import registry
 from gold_jax.losses.registry import LossSpec
 from gold_jax.names import LR_SCHEDULES
+from gold_jax.sharding.activations import activation_mesh
 from gold_jax.sharding.rules import BATCH_AXES
 from gold_jax.teacher.colocated import StepTeacher, teacher_fields
 
@@ -197,8 +198,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
                dropout_seed: int | None = None, teacher: Any = None,
                teacher_graphdef: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
     key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
-    loss, grads, n_tok, aux = _grads_loss_aux(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn, frozen,
-                                              key, teacher, teacher_graphdef)
+    with activation_mesh(mesh):   # the model pins its activations to the step's mesh (sharding/activations.py)
+        loss, grads, n_tok, aux = _grads_loss_aux(graphdef, state.params, batch, spec, n_micro, mesh, loss_fn,
+                                                  frozen, key, teacher, teacher_graphdef)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -223,7 +225,8 @@ def eval_loss(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, spec: 
     if frozen is not None:
         model.eval()
     n = batch["completion_mask"].astype(jnp.float32).sum()
-    return loss_sum(model, teacher_fields(teacher_graphdef, teacher, batch), spec, mesh, objective=False), n
+    with activation_mesh(mesh):
+        return loss_sum(model, teacher_fields(teacher_graphdef, teacher, batch), spec, mesh, objective=False), n
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

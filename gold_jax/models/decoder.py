@@ -13,7 +13,8 @@ from flax import nnx
 
 from gold_jax.models.config import ModelConfig
 from gold_jax.models.kv_cache import KVCache
-from gold_jax.models.layers import DecoderLayer, RMSNorm, dense, param
+from gold_jax.models.layers import RESIDUAL, DecoderLayer, RMSNorm, dense, param
+from gold_jax.sharding.activations import constrain
 
 _REMAT_POLICY = {
     "full": None,  # save nothing: recompute the whole layer on the backward pass
@@ -47,7 +48,7 @@ class Decoder(nnx.Module):
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
         ad = getattr(self, "embed_lora", None)   # LoRA (models/lora.py)
-        return x if ad is None else x + ad.rows(input_ids, x.dtype)
+        return constrain(x if ad is None else x + ad.rows(input_ids, x.dtype), RESIDUAL)
 
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array,
                positions: jax.Array | None = None) -> jax.Array:
@@ -69,7 +70,7 @@ class Decoder(nnx.Module):
             else:
                 policy = _REMAT_POLICY[self.config.remat]
                 x = nnx.remat(lambda lyr, h, p, m: lyr(h, p, m), policy=policy)(layer, x, positions, mask)
-        return self.norm(x)
+        return constrain(self.norm(x), RESIDUAL)
 
     def lm_head_weight(self) -> jax.Array:
         """[H, V] output projection (the transposed embedding when tied), LoRA updates folded in."""

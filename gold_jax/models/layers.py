@@ -15,6 +15,10 @@ import numpy as np
 from flax import nnx
 
 from gold_jax.models.config import ModelConfig
+from gold_jax.sharding.activations import constrain
+
+# Logical axes of the activations (sharding/rules.py); pinned only under sharding.activation_mesh.
+RESIDUAL = ("batch", "length", "act_embed")
 
 # Finite rather than -inf: a fully masked row (a left-pad query) gets a uniform
 # softmax instead of NaN, so padding never poisons gradients.
@@ -161,10 +165,10 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, positions: jax.Array):
         cd = x.dtype
-        q = dense(x, self.q_proj[...].astype(cd))
+        q = constrain(dense(x, self.q_proj[...].astype(cd)), ("batch", "length", "act_heads", "head_dim"))
         # k and v stacked on a new unsharded axis: one matmul, same sharding as each.
         kv_w = jnp.stack([self.k_proj[...], self.v_proj[...]], axis=1).astype(cd)
-        kv = dense(x, kv_w)
+        kv = constrain(dense(x, kv_w), ("batch", "length", None, "act_kv_heads", "head_dim"))
         k, v = kv[:, :, 0], kv[:, :, 1]
         q, k, v = adapted(self, "q", x, q), adapted(self, "k", x, k), adapted(self, "v", x, v)
         if self.cfg.attention_bias:
@@ -177,6 +181,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def out(self, o: jax.Array) -> jax.Array:
+        o = constrain(o, ("batch", "length", "act_heads", "head_dim"))
         y = adapted(self, "o", o, dense(o, self.o_proj[...].astype(o.dtype), n_in=2), n_in=2)
         if self.cfg.attention_bias and self.cfg.architecture != "qwen2":
             y = y + self.o_bias[...].astype(o.dtype)
@@ -194,8 +199,9 @@ class MLP(nnx.Module):
         cd = x.dtype
         # gate and up stacked on a new unsharded axis: one [H, 2, I] matmul.
         gu = dense(x, jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(cd))
+        gu = constrain(gu, ("batch", "length", None, "act_mlp"))
         g, u = adapted(self, "gate", x, gu[..., 0, :]), adapted(self, "up", x, gu[..., 1, :])
-        mid = jax.nn.silu(g) * u
+        mid = constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
         return adapted(self, "down", mid, dense(mid, self.down_proj[...].astype(cd)))
 
 
@@ -208,16 +214,18 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """Full-sequence layer: mask [B,L,L] bool (causal AND key padding)."""
+        x = constrain(x, RESIDUAL)
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        x = x + self.self_attn.out(attend(q, k, v, mask))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = constrain(x + self.self_attn.out(attend(q, k, v, mask)), RESIDUAL)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL)
 
     def cached(self, x, positions, k_cache, v_cache, layer: int, cache_index, mask):
         """One layer on T new tokens against the stacked cache [layers,B,S,KV,D]; returns new caches."""
+        x = constrain(x, RESIDUAL)
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
         start = (layer, 0, cache_index, 0, 0)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
         ks, vs = k_cache[layer].astype(x.dtype), v_cache[layer].astype(x.dtype)
-        x = x + self.self_attn.out(attend(q, ks, vs, mask))
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+        x = constrain(x + self.self_attn.out(attend(q, ks, vs, mask)), RESIDUAL)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL), k_cache, v_cache

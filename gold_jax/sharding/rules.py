@@ -13,11 +13,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 
-# Activations: batch over data+fsdp, logits keep vocab on "tensor".
+# Activations (act_*, batch, length; pinned by sharding/activations.py): batch over
+# data+fsdp, the residual stream's embed replicated (weights are gathered, not the
+# batch), heads / mlp / vocab on "tensor" as their weights.
 # Parameters: fsdp over embed, tensor over heads / mlp / vocab.
 LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
