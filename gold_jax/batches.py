@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gold_jax.onpolicy import behaviour_logprobs, draw_rows, mix_rows
+from gold_jax import onpolicy
+from gold_jax.distributed import StepCheck
+from gold_jax.onpolicy import behaviour_logprobs, mix_rows
 from gold_jax.types import SequenceBatch, TeacherScores
 
 _SEQ_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
@@ -37,6 +39,11 @@ class PendingBatch:
     rows: np.ndarray | None = None       # H8: [B] bool, which rows the student sampled (None: all = on_policy)
     behaviour: np.ndarray | None = None  # H8: [B, R] float32 rollout log-probs of those rows' tokens (0 elsewhere)
     version: int = -1                    # H8: the step whose weights generated it (gold/staleness); -1 unknown
+    all_rows: np.ndarray | None = None   # HOSTS: [global B] bool, every process's row coins (per-row λ)
+
+    def global_row_flags(self) -> np.ndarray:
+        """Row flags of the whole global batch (the same on every process); counts and metrics use these."""
+        return np.asarray(self.all_rows, bool) if self.all_rows is not None else self.row_flags()
 
     def row_flags(self) -> np.ndarray:
         if self.rows is not None:
@@ -59,6 +66,8 @@ class PendingBatch:
         out["version"] = np.asarray(self.version, np.int64)
         if self.behaviour is not None:
             out["behaviour"] = np.asarray(self.behaviour, np.float32)
+        if self.all_rows is not None:
+            out["all_rows"] = np.asarray(self.all_rows, np.int8)
         return out
 
     @classmethod
@@ -76,7 +85,8 @@ class PendingBatch:
         return cls(step, bool(on_policy), seq, float(np.asarray(d["gen_time"])), scores=scores,
                    rows=np.asarray(d["rows"]).astype(bool) if "rows" in d else None,
                    behaviour=np.asarray(d["behaviour"]) if "behaviour" in d else None,
-                   version=int(np.asarray(d["version"])) if "version" in d else -1)
+                   version=int(np.asarray(d["version"])) if "version" in d else -1,
+                   all_rows=np.asarray(d["all_rows"]).astype(bool) if "all_rows" in d else None)
 
 
 def seq_from_data(data: dict[str, np.ndarray]) -> SequenceBatch:
@@ -161,6 +171,7 @@ class BatchProducer:
     def __init__(self, cfg: Any, data_iter: Any, engine: Any, teacher: Any, rng: np.random.Generator):
         """`teacher`: a gold_jax.teacher.handle.TeacherHandle (score/generate)."""
         self.cfg, self.data_iter, self.engine, self.teacher, self.rng = cfg, data_iter, engine, teacher, rng
+        self.check = StepCheck.from_config(cfg)   # HOSTS: the same decisions on every process, or a loud stop
 
     def produce(self, step: int) -> PendingBatch | _EndOfData:
         """The batch for `step` with its scoring request sent, or END_OF_DATA when the epochs are used up."""
@@ -169,21 +180,24 @@ class BatchProducer:
         per_row = g.get("lmbda_granularity", "batch") == "sample"
         # The coin is drawn when generation starts, before the data is read (DESIGN.md); per-row coins
         # (H8, gold.lmbda_granularity="sample") once the data says how many rows there are.
-        on_policy = None if per_row else bool(self.rng.random() < g.lmbda)
+        on_policy = None if per_row else onpolicy.coin(self.rng, g.lmbda)
         data = next(self.data_iter, None)
+        rows = all_rows = None
+        if per_row and data is not None:   # HOSTS: coins for the global batch, this process's slice
+            rows, all_rows = onpolicy.draw_global_rows(self.rng, g.lmbda, len(data["prompt_ids"]))
+            on_policy = bool(all_rows.any())   # the same on every process
+        self.check(onpolicy.decision(step, on_policy, all_rows, data is None, self.rng))
         if data is None:
             return END_OF_DATA
-        rows = draw_rows(self.rng, g.lmbda, "sample", len(data["prompt_ids"])) if per_row else None
         behaviour = None
         if per_row:
-            on_policy = bool(rows.any())
             seq = seq_from_data(data)
             if on_policy:
-                gen, lp = self._sample(self.engine.generate, data, step, with_logprobs=True)
+                gen, lp = self._sample(self._engine_generate, data, step, with_logprobs=True)
                 seq = gen if rows.all() else mix_rows(rows, gen, seq)
                 behaviour = behaviour_logprobs(rows, lp, seq.completion_ids.shape)
         elif on_policy:
-            seq, lp = self._sample(self.engine.generate, data, step, with_logprobs=True)
+            seq, lp = self._sample(self._engine_generate, data, step, with_logprobs=True)
             rows = np.ones((seq.prompt_ids.shape[0],), bool)
             behaviour = behaviour_logprobs(rows, lp, seq.completion_ids.shape)
         elif g.seq_kd:
@@ -193,7 +207,12 @@ class BatchProducer:
         gen_time = time.perf_counter() - t0
         # Dataset completions recur every epoch: only those may come from the score cache.
         return PendingBatch(step, on_policy, seq, gen_time, future=self.teacher.score(seq, cacheable=not on_policy),
-                            rows=rows, behaviour=behaviour)
+                            rows=rows, behaviour=behaviour, all_rows=all_rows)
+
+    def _engine_generate(self, prompt_ids: np.ndarray, *a: Any, **kw: Any) -> Any:
+        """The student engine's generate, told where this process's rows sit in the global batch."""
+        off = onpolicy.row_offset(len(prompt_ids))
+        return self.engine.generate(prompt_ids, *a, **kw, **({"row_offset": off} if off else {}))
 
     def _sample(self, generate: Any, data: dict[str, np.ndarray], step: int, with_logprobs: bool = False) -> Any:
         r = self.cfg.rollout

@@ -159,6 +159,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    # HOSTS: every process compares its batch decisions (λ coin, end of data, step) with the others before
+    # each batch (distributed.StepCheck): every `check_every` batches (0 = never), failing after
+    # `check_timeout_s` when a process does not report.
+    c.distributed.check_every = 1
+    c.distributed.check_timeout_s = 300.0
     return c
 
 
@@ -235,6 +240,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(0.0 < cfg.rollout.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
            cfg.rollout.gpu_memory_utilization, "must be in (0, 1]")
     _check(cfg.rollout.sync_every >= 1, "rollout.sync_every", cfg.rollout.sync_every, "must be >= 1")
+    _check(cfg.distributed.check_every >= 0, "distributed.check_every", cfg.distributed.check_every,   # HOSTS
+           "must be >= 0 (0 = never)")
+    _check(cfg.distributed.check_timeout_s > 0, "distributed.check_timeout_s", cfg.distributed.check_timeout_s,
+           "must be > 0 seconds")
     _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"must be one of {DTYPES}")
     _check(cfg.teacher.dtype in DTYPES, "teacher.dtype", cfg.teacher.dtype, f"must be one of {DTYPES}")
     from gold_jax.lora_config import config_errors as lora_errors   # H9: LoRA keys (no jax import)

@@ -6,6 +6,14 @@ batch, the config itself) must come out the same on every process, or one of
 them waits forever in a collective the others never enter. These checks gather
 a few integers from every process and raise on all of them at once when they
 differ: a loud failure instead of a hang.
+
+Before every batch, `StepCheck` compares the producer's decisions (step, λ coin,
+row coins, end of data, a digest of the shared RNG) through the coordinator's
+key-value store with a deadline (`distributed.check_timeout_s`), so a process
+that disagrees or never arrives stops every process with a message that names
+the processes and their values. On-policy batches are sampled per host
+(gold_jax.rollout.per_host): each process samples its own rows with a copy of
+the student gathered to its own devices.
 """
 from __future__ import annotations
 
@@ -42,18 +50,92 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
 
 
 def check_rollout_supported(cfg: ml_collections.ConfigDict) -> None:
-    """Refuse on-policy batches with several processes, before any model loads.
+    """Refuse the rollout layouts that several processes cannot run, before any model loads.
 
-    The rollout engines are single-host: each process holds only its own prompts, and the JAX
-    sampler would put them on the global mesh as if they were the whole batch (jax.device_put
-    then fails on a cross-process equality check). Per-host rollout (each host samples its own
-    rows with a local copy of the student) is not built yet.
+    The JAX engine samples per host (gold_jax.rollout.per_host): each process samples its own rows
+    on its own devices with a gathered copy of the student. Not built for several processes: the
+    vLLM engine (its weight sync reads the parameters on the host), and rollout devices reserved
+    apart from training (rollout.n_devices > 0 takes the first devices of the global list, i.e.
+    whole hosts, rather than a share of every host).
     """
-    if jax.process_count() > 1 and cfg.gold.lmbda > 0:
-        raise ValueError(f"config.gold.lmbda={cfg.gold.lmbda:g} with {jax.process_count()} processes: the rollout "
-                         "engines are single-host (per-host rollout is not built yet), so on-policy batches need "
-                         "one process; use gold.lmbda=0 (off-policy, or gold.seq_kd=True for teacher-generated "
-                         "completions) on several hosts")
+    n = jax.process_count()
+    if n == 1:
+        return
+    if cfg.rollout.engine == "vllm":
+        raise ValueError(f"config.rollout.engine='vllm' with {n} processes: per-host vLLM rollout is not built "
+                         "(its weight sync would need every parameter on each host); use rollout.engine='jax', "
+                         "which samples each host's rows on its own devices")
+    if cfg.rollout.n_devices > 0:
+        raise ValueError(f"config.rollout.n_devices={cfg.rollout.n_devices} with {n} processes: reserved rollout "
+                         "devices are single-host; use rollout.n_devices=0 (each host samples on its share of "
+                         "the training devices)")
+
+
+class StepCheck:
+    """Before each batch is made, every process compares its decisions (step, λ coin, row coins, end of
+    data, RNG digest: gold_jax.onpolicy.decision) with every other process's.
+
+    Through the coordinator's key-value store (the service jax.distributed.initialize started), with a
+    deadline: a process that disagrees raises on every process with all values, and a process that
+    never arrives makes the others raise after `timeout_s` naming it, instead of a collective that
+    waits forever. `every` > 1 checks every that many calls. One process: nothing to do.
+    """
+
+    def __init__(self, every: int = 1, timeout_s: float = 300.0, name: str = "batch"):
+        self.every, self.timeout_s, self.name = int(every), float(timeout_s), name
+        self.calls = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> StepCheck:
+        d = cfg.get("distributed", {}) if hasattr(cfg, "get") else {}
+        return cls(int(d.get("check_every", 1)), float(d.get("check_timeout_s", 300.0)))
+
+    def __call__(self, values: dict[str, int]) -> None:
+        n, self.calls = self.calls, self.calls + 1
+        if jax.process_count() == 1 or self.every < 1 or n % self.every:
+            return
+        client = _kv_client()
+        what = f"the decisions for the next batch ({', '.join(values)})"
+        if client is None:   # no coordination service: the collective check (no deadline)
+            agree(list(values.values()), what)
+            return
+        agree_kv(client, jax.process_index(), jax.process_count(), f"gold_jax/{self.name}/{n}", values,
+                 what, self.timeout_s)
+        if n >= self.every:   # every process has read it: they all wrote call n, after reading call n - every
+            try:
+                client.key_value_delete(f"gold_jax/{self.name}/{n - self.every}/{jax.process_index()}")
+            except Exception:  # noqa: BLE001 - a leftover key costs a few bytes
+                pass
+
+
+def _kv_client() -> Any:
+    try:
+        from jax._src import distributed as jax_distributed   # as orbax does; no public handle in JAX 0.10
+        return jax_distributed.global_state.client
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def agree_kv(client: Any, me: int, count: int, key: str, values: dict[str, int], what: str,
+             timeout_s: float) -> None:
+    """Publish `values` under key/me, read every other process's with a deadline, raise on any difference."""
+    client.key_value_set(f"{key}/{me}", json.dumps(values, sort_keys=True))
+    table, missing = {me: values}, []
+    for p in range(count):
+        if p == me:
+            continue
+        try:
+            table[p] = json.loads(client.blocking_key_value_get(f"{key}/{p}", max(1, int(timeout_s * 1000))))
+        except Exception:  # noqa: BLE001 - the runtime raises its own error type on a deadline
+            missing.append(p)
+    if missing:
+        raise RuntimeError(f"process {me}: process(es) {missing} did not report {what} within {timeout_s:g}s "
+                           f"(distributed.check_timeout_s; check {key}): they are stuck, slower by more than "
+                           f"that, or dead; mine: {values}")
+    if any(table[p] != values for p in table):
+        rows = "; ".join(f"process {p}: {table[p]}" for p in sorted(table))
+        raise RuntimeError(f"process {me}: processes disagree on {what} at {key} ({rows}): every process must "
+                           "make the same decision, or the next collective would hang")
 
 
 def config_digest(cfg: ml_collections.ConfigDict) -> int:

@@ -5,6 +5,10 @@ the draw sequence of every earlier run); `"sample"` draws one coin per row
 (`rng.random(B)`), so a batch holds student samples and dataset completions
 side by side and `gold/on_policy_ratio` counts rows. The coins come from the
 producer's RNG, whose state is checkpointed: a resumed run draws the same coins.
+With several processes the RNG is the same on every process (seeded from the
+config's seed, advanced by the same draws): the row coins are drawn for the
+global batch and each process keeps its slice, and `decision` is what
+distributed.StepCheck compares across processes before each batch is made.
 """
 from __future__ import annotations
 
@@ -13,6 +17,45 @@ import numpy as np
 from gold_jax.types import SequenceBatch
 
 GRANULARITIES = ("batch", "sample")
+
+
+def _layout() -> tuple[int, int]:
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def coin(rng: np.random.Generator, lmbda: float) -> bool:
+    """The batch's λ coin (gold.lmbda_granularity="batch"): one draw of the shared RNG."""
+    return bool(rng.random() < lmbda)
+
+
+def draw_global_rows(rng: np.random.Generator, lmbda: float, n_local: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row coins (gold.lmbda_granularity="sample") for the whole global batch: (this process's rows, all rows).
+
+    Every process draws all n_local x processes coins from the same RNG and keeps its slice (the
+    data pipeline gives process p global rows [p * n_local, (p + 1) * n_local)), so the coins, the
+    RNG state and the batch-level decisions are the same on every process and in every process
+    layout. One process: the draws of `draw_rows(rng, lmbda, "sample", n_local)`.
+    """
+    p, count = _layout()
+    all_rows = rng.random(n_local * count) < lmbda
+    return all_rows[p * n_local:(p + 1) * n_local], all_rows
+
+
+def row_offset(n_local: int) -> int:
+    """Global batch index of this process's first row (the rollout engines key their sampling on it)."""
+    return _layout()[0] * n_local
+
+
+def decision(step: int, on_policy: bool | None, all_rows: np.ndarray | None, end_of_data: bool,
+             rng: np.random.Generator) -> dict[str, int]:
+    """What every process must agree on before it makes the batch for `step` (distributed.StepCheck)."""
+    import hashlib
+    digest = lambda b: int.from_bytes(hashlib.sha256(b).digest()[:4], "little") >> 1  # noqa: E731
+    return {"step": int(step), "end_of_data": int(end_of_data),
+            "coin": -1 if on_policy is None else int(on_policy),
+            "row_coins": 0 if all_rows is None else digest(np.packbits(np.asarray(all_rows, bool)).tobytes()),
+            "rng": digest(repr(rng.bit_generator.state).encode())}
 
 
 def draw_rows(rng: np.random.Generator, lmbda: float, granularity: str, n_rows: int) -> np.ndarray:
@@ -63,7 +106,7 @@ def opd_metrics(met: dict, pend, staleness: float, on_policy_ratio: float) -> di
     A group without a token in this batch (e.g. off-policy rows of an on-policy batch) logs nothing,
     rather than a 0 that would read as a measurement.
     """
-    rows = pend.row_flags()
+    rows = pend.global_row_flags()   # every process logs and counts the global batch's rows
     out = {"gold/on_policy_ratio": float(on_policy_ratio), "gold/is_on_policy": float(rows.mean())}
     if rows.any() and staleness == staleness:
         out["gold/staleness"] = float(staleness)

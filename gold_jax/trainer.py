@@ -237,8 +237,8 @@ class Trainer:
         now = time.perf_counter()
         self.step += 1
         self.n_on_policy += int(pend.on_policy)
-        self.n_rows_on += int(pend.row_flags().sum())
-        self.n_rows += int(pend.row_flags().size)
+        self.n_rows_on += int(pend.global_row_flags().sum())   # HOSTS: the global batch's rows, same on every process
+        self.n_rows += int(pend.global_row_flags().size)
         self._log_samples(pend)
         rec = self._record(pend, met, arrays, sync_s, gen_s, teacher_s, now - t_upd, now - t0)
         counts = unaligned_counts(pend.scores)   # H10 (issue 15): cross-tokenizer positions no span covers

@@ -6,8 +6,9 @@
 #   launch/tpu_pod.sh TPU_NAME ZONE [--config.KEY=VALUE ...]
 #
 # The repo must be at the same path on every host (e.g. cloned by a startup script).
-# Several processes need --config.gold.lmbda=0 until per-host rollout exists (refused at
-# start-up otherwise), and every host must get the same config (checked at start-up).
+# On-policy batches are sampled per host (rollout.engine=jax: each host samples its own rows with
+# the student gathered to its own chips); every host must get the same config (checked at start-up)
+# and makes the same λ/end-of-data decisions (checked before every batch).
 # The CPU test of the same path: tests/test_multiprocess.py.
 set -euo pipefail
 TPU_NAME=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE [config overrides]}

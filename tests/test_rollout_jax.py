@@ -150,6 +150,23 @@ def test_sampling_reproducible_and_n_layout(sampler):
     assert (a.logprobs <= 0).all() and (a.logprobs[a.completion_mask == 1] < 0).any()
 
 
+def test_rows_sample_the_same_whichever_process_draws_them(sampler):
+    """Per-host rollout: prompts 2..3 sampled alone with row_offset=2 (as process 1 of 2 would) give the
+    tokens of rows 2..3 of the whole batch; without the offset they would not."""
+    ids, mask = prompts()
+    kw = dict(n=3, max_new_tokens=R, temperature=1.0, top_p=0.9, seed=11)
+    whole = sampler.generate(ids, mask, **kw)
+    first = sampler.generate(ids[:2], mask[:2], **kw)
+    second = sampler.generate(ids[2:], mask[2:], row_offset=2, **kw)
+    for k in ("completion_ids", "completion_mask"):
+        np.testing.assert_array_equal(np.concatenate([getattr(first, k), getattr(second, k)]), getattr(whole, k))
+    # batch size may change the float32 summation order of the forward, not the tokens here
+    np.testing.assert_allclose(np.concatenate([first.logprobs, second.logprobs]), whole.logprobs, rtol=1e-5,
+                               atol=1e-6)
+    unshifted = sampler.generate(ids[2:], mask[2:], **kw)
+    assert (unshifted.completion_ids != second.completion_ids).any()
+
+
 def test_sampling_params_do_not_recompile(model):
     """T, top-p, top-k and the seed are traced; prompt lengths share a bucket."""
     eng = JaxSampler(model, eos_id=NO_EOS, pad_id=PAD, max_prompt_buckets=1, prompt_bucket=16)

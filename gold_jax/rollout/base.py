@@ -17,8 +17,11 @@ from gold_jax.types import FINISH_EOS, FINISH_LENGTH, RolloutResult
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, n: int = 1,
                  max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                 seed: int) -> RolloutResult:
-        """Sample n completions per left-padded prompt (see gold_jax.types for the layout)."""
+                 seed: int, row_offset: int = 0) -> RolloutResult:
+        """Sample n completions per left-padded prompt (see gold_jax.types for the layout).
+
+        row_offset: the global batch index of prompt 0, so a row's randomness is the same whichever
+        process samples it (per-host rollout; 0 on one process)."""
         ...
 
     def sync_weights(self, model_or_state: Any) -> float:

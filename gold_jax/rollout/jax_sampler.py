@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gold_jax.models.kv_cache import KV_CACHE_AXES
+from gold_jax.rollout import per_host
 from gold_jax.rollout.base import finish_result, normalize_eos, validate_request
 from gold_jax.rollout.sampling import is_eos, sample_with_uniform
 from gold_jax.sharding.rules import BATCH_AXES, logical_to_sharding
@@ -25,7 +26,8 @@ from gold_jax.types import RolloutResult
 
 
 def _decode(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, seed: jax.Array,
-            temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, *, max_new_tokens: int,
+            temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, row0: jax.Array | int = 0, *,
+            max_new_tokens: int,
             eos_ids: tuple[int, ...], pad_id: int, mesh: Mesh | None = None):
     """Prefill the prompt, then sample up to R tokens; returns (ids, mask, logprobs) [B, R]."""
     b, p = prompt_ids.shape
@@ -40,9 +42,11 @@ def _decode(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, se
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     logits, cache = model.forward_with_cache(prompt_ids, positions, cache, jnp.int32(0), kv_mask)
     # Left padding puts every row's last real token in column P - 1.
-    # Every step's uniforms up front: no PRNG work inside the decode loop. [B, R] rather
-    # than [R, B] so a row's draws do not depend on how many rows the batch was padded to.
-    uniforms = jax.random.uniform(key, (b, r), jnp.float32)
+    # Every step's uniforms up front: no PRNG work inside the decode loop. Row i draws from
+    # fold_in(key, row0 + i), its index in the global batch, so its tokens depend neither on how
+    # many rows the batch was padded to nor on which process samples it (per-host rollout).
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(row0 + jnp.arange(b, dtype=jnp.int32))
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (r,), jnp.float32))(row_keys)
     tok, lp = sample_with_uniform(uniforms[:, 0], logits[:, -1], temperature, top_p, top_k)
     n_prompt = mask.sum(axis=1)
     out_ids = jnp.full((b, r), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -80,6 +84,9 @@ class JaxSampler:
 
     `mesh` is the rollout device subset: batch over ("data", "fsdp"), parameters
     by the logical-axis rules. Without a mesh the parameters stay where they are.
+    A mesh spanning several processes (a multi-host run sharing the training devices)
+    is replaced by this process's block of it (gold_jax.rollout.per_host): each host
+    samples its own rows, and `sync_weights` gathers the student to every host's devices.
     Prompts are left-padded up to a multiple of `prompt_bucket` columns (extra
     padding changes no token or log-prob), so arbitrary prompt lengths (e.g.
     the teacher's generate op) compile once per bucket. `max_prompt_buckets`
@@ -99,6 +106,10 @@ class JaxSampler:
         if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 1:
             raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
         self.prompt_bucket = int(prompt_bucket)
+        self._local_copy = None
+        if mesh is not None and per_host.is_multi_process(mesh):
+            self._local_copy = per_host.LocalCopy(mesh)
+            mesh = self._local_copy.local
         self.eos_ids = normalize_eos(eos_id)
         self.pad_id = int(pad_id)
         self.mesh = mesh
@@ -110,9 +121,9 @@ class JaxSampler:
         self._shapes: set[tuple[int, int, int]] = set()
         graphdef = self._graphdef
 
-        def run(state, ids, mask, seed, t, tp, tk, *, max_new_tokens, eos_ids, pad_id):
+        def run(state, ids, mask, seed, t, tp, tk, row0, *, max_new_tokens, eos_ids, pad_id):
             model = nnx.merge(graphdef, state)
-            return _decode(model, ids, mask, seed, t, tp, tk, max_new_tokens=max_new_tokens,
+            return _decode(model, ids, mask, seed, t, tp, tk, row0, max_new_tokens=max_new_tokens,
                            eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
 
         self._run = jax.jit(run, static_argnames=("max_new_tokens", "eos_ids", "pad_id"))
@@ -125,6 +136,8 @@ class JaxSampler:
         return state_shardings(model, self.mesh)
 
     def _put(self, state):
+        if self._local_copy is not None and per_host.needs_local_copy(state):
+            state = self._local_copy(state)   # a collective over the training mesh (module doc of per_host)
         if self._shardings is None:
             return state
         return jax.tree.map(jax.device_put, state, self._shardings)
@@ -161,7 +174,11 @@ class JaxSampler:
 
     def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, n: int = 1,
                  max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                 seed: int) -> RolloutResult:
+                 seed: int, row_offset: int = 0) -> RolloutResult:
+        """row_offset: the global batch index of prompt 0 (per-host rollout), so that a row's
+        samples do not depend on which process draws them."""
+        if not isinstance(row_offset, (int, np.integer)) or row_offset < 0:
+            raise ValueError(f"row_offset must be an int >= 0, got {row_offset!r}")
         ids, mask = validate_request(prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k,
                                      vocab_size=self.vocab_size)
@@ -189,7 +206,7 @@ class JaxSampler:
             run_ids, run_mask = jax.device_put((run_ids, run_mask), bs)
         out = self._run(self._state, run_ids, run_mask, jnp.uint32(seed % 2**32),
                         jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k),
-                        max_new_tokens=int(max_new_tokens), eos_ids=self.eos_ids, pad_id=self.pad_id)
+                        jnp.int32(int(row_offset) * n), max_new_tokens=int(max_new_tokens), eos_ids=self.eos_ids, pad_id=self.pad_id)
         c_ids, c_mask, c_lp = (np.asarray(x)[:rows] for x in out)
         return finish_result(ids, mask, c_ids, c_mask, c_lp, self.eos_ids, self.pad_id)
 

@@ -128,8 +128,10 @@ class VllmEngine:
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, n: int = 1,
                  max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                 seed: int) -> RolloutResult:
-        """n completions per left-padded prompt; row i * n + j is sample j of prompt i."""
+                 seed: int, row_offset: int = 0) -> RolloutResult:
+        """n completions per left-padded prompt; row i * n + j is sample j of prompt i.
+
+        row_offset: the global batch index of prompt 0 (a row's seed depends on it, not on the call)."""
         ids, mask = validate_request(prompt_ids, prompt_mask, n=n, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, top_k=top_k,
                                      vocab_size=self.vocab_size)
@@ -143,7 +145,7 @@ class VllmEngine:
         # vLLM seeds child j of a request with seed + j, so seed + i * n gives every output row its own.
         params = [self._vllm.SamplingParams(
             n=int(n), max_tokens=r, temperature=float(temperature), top_p=float(top_p),
-            top_k=int(top_k), seed=(int(seed) + i * int(n)) % (1 << 63),
+            top_k=int(top_k), seed=(int(seed) + (int(row_offset) + i) * int(n)) % (1 << 63),
             logprobs=0, stop_token_ids=list(self.eos_ids), ignore_eos=False, detokenize=False,
             allowed_token_ids=self._allowed, **flat_logprobs_kw(self._vllm))
             for i in range(len(ids))]
