@@ -29,6 +29,18 @@ goes to benchmarks/results/distill_study.md. Finished runs are kept in a JSON
 file next to it, so an interrupted sweep resumes where it stopped.
 
     python benchmarks/distill_study.py sweep [--steps 200] [--seeds 0 1 2] [--eval_n 256]
+
+Part 3 (`sweep --task chain`, issue 18): the same sweep on the chain task
+(gold_jax/demo/chain_task.py: 48-122-token modular-arithmetic chains, dataset
+completions in another style than the teacher's), plus one row of plain SFT on
+the dataset completions (gold_jax/demo/sft.py) at the same steps, batch and lr,
+and diagnostics of the warmed-up student (accuracy of its own T=0.9 samples,
+the teacher's per-token NLL of student samples and of both completion styles).
+Each run is appended to benchmarks/results/distill_study_chain_runs.jsonl as it
+finishes (a rerun skips the runs found there); the tables go to
+benchmarks/results/distill_study_chain.md.
+
+    python benchmarks/distill_study.py sweep --task chain [--steps 150] [--seeds 0 1 2]
 """
 from __future__ import annotations
 
@@ -165,6 +177,7 @@ def sweep_config(args, lmbda: float, beta: float, seed: int, run_dir: str):
     c.seed = seed
     c.run_dir = run_dir
     c.demo.cache_dir, c.demo.preset, c.demo.eval_n = args.cache_dir, args.preset, args.eval_n
+    c.demo.task = getattr(args, "task", "sort")
     c.gold.lmbda, c.gold.beta = lmbda, beta
     c.trainer.max_steps = args.steps
     c.trainer.global_batch_size = args.batch
@@ -182,7 +195,7 @@ def _run_one(args, lmbda: float, beta: float, seed: int) -> dict:
     import shutil
     from gold_jax.metrics import read_jsonl
     from gold_jax.trainer import Trainer
-    run_dir = os.path.join(args.run_root, f"l{lmbda:g}_b{beta:g}_s{seed}")
+    run_dir = os.path.join(args.run_root, f"{getattr(args, 'task', 'sort')}_l{lmbda:g}_b{beta:g}_s{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     last = Trainer(sweep_config(args, lmbda, beta, seed, run_dir)).run()
@@ -244,6 +257,10 @@ def sweep_table(recs: list[dict], args, teacher_acc: float, student_acc_build: f
 
 
 def part2(args) -> None:
+    if args.task == "chain":
+        from chain_study import part3   # benchmarks/chain_study.py: the chain task's sweep, SFT row, diagnostics
+        part3(args, _run_one)
+        return
     import json
     import logging as pylogging
     from absl import logging as absl_logging
@@ -295,6 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         ap.add_argument("--run_root", default="/tmp/gold_jax_distill_study")
         ap.add_argument("--fresh", action="store_true", help="ignore runs kept from an earlier sweep")
+        ap.add_argument("--task", default="sort", choices=("sort", "chain"),
+                        help="chain: issue 18's task (results in distill_study_chain.md)")
+        ap.add_argument("--sft_seeds", type=int, nargs="*", default=None,
+                        help="chain: seeds of the SFT row (default: --seeds)")
+        ap.add_argument("--no_sweep", action="store_true", help="chain: diagnostics and SFT row only")
         args = ap.parse_args(argv[1:])
         args.cache_dir = os.path.expanduser(args.cache_dir)
         part2(args)
