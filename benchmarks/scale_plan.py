@@ -13,8 +13,12 @@ exist), per-layer remat (`ModelConfig.remat`), 1024-token rows
 (prompt 512 + completion 512), one row per batch shard (data x fsdp).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=256 JAX_PLATFORMS=cpu \
-        gtest python benchmarks/scale_plan.py --out benchmarks/results/scale_plan.md
+        gtest python benchmarks/scale_plan.py --jsonl runs/scale_plan.jsonl
     # one model, one mesh:  --models qwen2.5-0.5b --meshes 1x8x1
+    # the step without activation constraints (sharding/activations.py), for comparison: --no-constraints
+    # the table of rows already written:  --table runs/scale_plan.jsonl
+
+Each plan is appended to --jsonl as soon as it compiles, so a cut-off run keeps its rows.
 
 Caveat: the compile targets XLA:CPU, whose buffer assignment is close to, but
 not the same as, XLA:GPU's or XLA:TPU's (CPU may also keep some bf16 ops in
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -47,6 +52,7 @@ from gold_jax.models import ModelConfig  # noqa: E402
 from gold_jax.models.decoder import Decoder  # noqa: E402
 from gold_jax.models.partition import state_shardings  # noqa: E402
 from gold_jax.sharding import LOGICAL_AXIS_RULES, make_mesh  # noqa: E402
+from gold_jax.sharding.activations import activation_rules  # noqa: E402
 from gold_jax.sharding.replication_check import replication_report  # noqa: E402
 from gold_jax.train_step import LossSpec, TrainState, batch_sharding, jit_train_step, make_optimizer  # noqa: E402
 
@@ -70,7 +76,8 @@ MODELS: dict[str, ModelConfig] = {
 CHIPS = {"H100 80G": 80 * 2**30, "H200 141G": 141 * 10**9, "v5e 16G": 16 * 2**30, "v5p 95G": 95 * 2**30}
 
 # (data, fsdp, tensor) per device count: the default plan and what the README recommends from.
-DEFAULT_MESHES = {8: [(8, 1, 1), (1, 8, 1), (1, 4, 2)], 64: [(1, 64, 1), (8, 8, 1)], 256: [(4, 64, 1), (1, 256, 1)]}
+DEFAULT_MESHES = {8: [(1, 8, 1), (1, 4, 2), (8, 1, 1)], 64: [(8, 8, 1), (1, 64, 1), (4, 8, 2)],
+                  256: [(32, 8, 1), (1, 256, 1), (16, 8, 2)]}
 
 PROMPT, COMPLETION, TOP_K = 512, 512, 64
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -91,6 +98,17 @@ class Plan:
     replicated: float             # share of parameter bytes replicated on every device
     collectives: dict[str, tuple[int, int]]   # op -> (count in the HLO, bytes of their results per device)
     compile_s: float
+    constraints: bool = True      # activation sharding constraints on (sharding/activations.py)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, line: str) -> "Plan":
+        d = json.loads(line)
+        d["mesh"] = tuple(d["mesh"])
+        d["collectives"] = {k: tuple(v) for k, v in d["collectives"].items()}
+        return cls(**d)
 
 
 def opt_config(**kw: Any) -> ml_collections.ConfigDict:
@@ -147,7 +165,7 @@ def count_collectives(hlo: str) -> dict[str, tuple[int, int]]:
 
 
 def plan(name: str, mesh_shape: tuple[int, int, int], *, remat: str = "full", chunk_size: int = 512,
-         rules=LOGICAL_AXIS_RULES, devices: list | None = None) -> Plan:
+         rules=LOGICAL_AXIS_RULES, devices: list | None = None, constraints: bool = True) -> Plan:
     cfg = MODELS[name].replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     n = math.prod(mesh_shape)
     devices = devices if devices is not None else jax.devices()[:n]
@@ -159,13 +177,15 @@ def plan(name: str, mesh_shape: tuple[int, int, int], *, remat: str = "full", ch
     step = jit_train_step(state, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, spec=spec, n_micro=1)
     batch = abstract_batch(mesh, rows=mesh_shape[0] * mesh_shape[1])
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    with activation_rules(rules, enabled=constraints):   # read while tracing, i.e. in lower()
+        lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     secs = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     arg, out, tmp, alias = (int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return Plan(name, mesh_shape, n_params, arg, out, tmp, alias, arg + out + tmp - alias,
-                replication_report(state.params).fraction, count_collectives(compiled.as_text()), secs)
+                replication_report(state.params).fraction, count_collectives(compiled.as_text()), secs, constraints)
 
 
 def _gib(b: int) -> str:
@@ -174,21 +194,26 @@ def _gib(b: int) -> str:
 
 def table(plans: list[Plan]) -> str:
     chips = " | ".join(CHIPS)
-    head = (f"| model | params | mesh (data,fsdp,tensor) | argument GiB | output GiB | temp GiB | total GiB | "
-            f"{chips} | replicated | all-gather n / GiB | reduce-scatter n / GiB | all-reduce n / GiB | compile s |")
+    head = (f"| model | params | mesh (data,fsdp,tensor) | act. constraints | argument GiB | output GiB | temp GiB | "
+            f"total GiB | {chips} | replicated | all-gather n / GiB | reduce-scatter n / GiB | all-reduce n / GiB | "
+            "all-to-all + permute n / GiB | compile s |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in plans:
         fits = " | ".join("yes" if p.total <= cap else "no" for cap in CHIPS.values())
         col = lambda k: f"{p.collectives[k][0]} / {p.collectives[k][1] / 2**30:.2f}"  # noqa: E731
-        rows.append(f"| {p.model} | {p.params / 1e9:.2f}B | {'x'.join(map(str, p.mesh))} | {_gib(p.argument)} | "
+        other = [p.collectives.get(k, (0, 0)) for k in ("all-to-all", "collective-permute")]
+        rows.append(f"| {p.model} | {p.params / 1e9:.2f}B | {'x'.join(map(str, p.mesh))} | "
+                    f"{'on' if p.constraints else 'off'} | {_gib(p.argument)} | "
                     f"{_gib(p.output)} | {_gib(p.temp)} | {_gib(p.total)} | {fits} | {p.replicated:.2%} | "
-                    f"{col('all-gather')} | {col('reduce-scatter')} | {col('all-reduce')} | {p.compile_s:.0f} |")
+                    f"{col('all-gather')} | {col('reduce-scatter')} | {col('all-reduce')} | "
+                    f"{sum(c for c, _ in other)} / {sum(b for _, b in other) / 2**30:.2f} | {p.compile_s:.0f} |")
     return "\n".join(rows)
 
 
 def recommend(plans: list[Plan], cap: int = CHIPS["H100 80G"]) -> list[str]:
     """Per model and device count: the fitting mesh with the least collective bytes (then least memory)."""
     out = []
+    plans = [p for p in plans if p.constraints]
     for name in dict.fromkeys(p.model for p in plans):
         for n in sorted({math.prod(p.mesh) for p in plans if p.model == name}):
             cands = [p for p in plans if p.model == name and math.prod(p.mesh) == n and p.total <= cap]
@@ -214,8 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meshes", nargs="+", type=_mesh_arg, default=None,
                     help="DATAxFSDPxTENSOR meshes (default: a few per 8, 64 and 256 devices)")
     ap.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+    ap.add_argument("--no-constraints", action="store_true",
+                    help="compile without the decoder's activation sharding constraints (the earlier plan)")
+    ap.add_argument("--jsonl", default="", help="append each plan here as one JSON line as soon as it compiles")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSONL",
+                    help="compile nothing: print the table and recommendations of plans in these JSONL files")
     ap.add_argument("--out", default="", help="also write the markdown table here")
     args = ap.parse_args(argv)
+    if args.table:
+        plans = []
+        for path in args.table:
+            with open(path) as f:
+                plans += [Plan.from_json(line) for line in f if line.strip()]
+        print(table(plans))
+        print("\n".join(recommend(plans)))
+        return 0
     meshes = args.meshes or [m for ms in DEFAULT_MESHES.values() for m in ms]
     need = max(math.prod(m) for m in meshes)
     if len(jax.devices()) < need:
@@ -225,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     plans = []
     for name in args.models:
         for m in meshes:
-            p = plan(name, m, remat=args.remat)
+            p = plan(name, m, remat=args.remat, constraints=not args.no_constraints)
             plans.append(p)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(p.to_json() + "\n")
             print(f"{name} {m}: total {_gib(p.total)} GiB/device (arg {_gib(p.argument)}, temp {_gib(p.temp)}), "
                   f"compiled in {p.compile_s:.0f}s", flush=True)
     text = table(plans)
