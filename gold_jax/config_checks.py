@@ -48,7 +48,7 @@ def check_combinations(cfg: ml_collections.ConfigDict) -> None:
     signal = registry.teacher_signal(g.top_k, g.teacher_signal, cfg.teacher.mode, cross=cross)
     why = registry.check(impl, signal, g.topk_mode)
     if impl == "uld" and not cross:
-        _fail({"loss.impl": "uld", "gold.cross_tokenizer": g.get("cross_tokenizer", False)},
+        _fail({"loss.impl": "uld", "gold.top_k": g.top_k, "gold.cross_tokenizer": g.get("cross_tokenizer", False)},
               "the ULD / hybrid loss is for a teacher of another tokenizer: set gold.cross_tokenizer=True")
     if why and signal == "hidden":   # H7: hidden states (remote or colocated) need the fused loss
         key = {"teacher.mode": "colocated"} if cfg.teacher.mode == "colocated" else {"gold.teacher_signal": "hidden"}

@@ -201,3 +201,27 @@ def test_too_long_for_the_teacher_is_a_clear_error(served, toks):
     from gold_jax.teacher.client import TeacherRequestError
     with pytest.raises(TeacherRequestError, match="max_length"):
         client.score(long, top_k=K, temperature=1.0, signal="cross", cross=spec).result(120)
+
+
+def test_cache_and_checkpoint_keep_cross_scores(served, toks, tmp_path):
+    """The score cache returns cross rows as scored (keys carry the mode: another merge strategy misses), and a
+    queued batch's checkpoint form keeps every cross field."""
+    from gold_jax.batches import PendingBatch
+    from gold_jax.teacher.cache import CachedScorer
+    _, client = served
+    seq = make_seq(toks["student"])
+    spec, other = spec_for(client, toks["student"]), spec_for(client, toks["student"], strategy="bayesian")
+    cache = CachedScorer(client, str(tmp_path))
+    first = cache.score(seq, top_k=K, temperature=TEMP, signal="cross", cross=spec).result(120)
+    again = cache.score(seq, top_k=K, temperature=TEMP, signal="cross", cross=spec).result(120)
+    assert (cache.misses, cache.hits) == (2, 2)
+    cache.score(seq, top_k=K, temperature=TEMP, signal="cross", cross=other).result(120)
+    assert cache.misses == 4
+    restored = PendingBatch.from_arrays(PendingBatch(3, False, seq, 0.0, scores=first).to_arrays()).scores
+    for got in (again, restored):
+        n = seq.completion_mask.astype(bool)
+        np.testing.assert_array_equal(got.logprobs[n], first.logprobs[n])
+        np.testing.assert_array_equal(got.ids[n], first.ids[n])
+        for k, v in first.cross.items():
+            np.testing.assert_array_equal(got.cross[k] if v.ndim == 1 else got.cross[k][n], v if v.ndim == 1 else v[n])
+        assert got.token_logprob is None
