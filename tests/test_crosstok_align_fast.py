@@ -43,11 +43,21 @@ def toks():
             "bl_nospecial": byte_level(380, special=()), "ms_first": metaspace_first(400)}
 
 
-def _same(tok, ids):
-    fast, ref = token_bytes(tok, ids), _token_bytes_prefix(tok, [int(i) for i in ids])
-    assert fast.text == ref.text
-    np.testing.assert_array_equal(fast.ends, ref.ends)
-    return fast
+def _same(tok, ids, *, local: bool | None = True):
+    """The windowed path (forced, whatever the length) and token_bytes both equal the prefix rule.
+
+    local: whether the windowed path must answer (True) or must give up (False); None: either, as on
+    random byte soup, where a byte-fallback group that turns invalid later rewrites an earlier character.
+    """
+    ids = [int(i) for i in ids]
+    ref = _token_bytes_prefix(tok, ids)
+    windowed = align_mod._token_bytes_windowed(tok, ids) if ids else None
+    if local is not None:
+        assert (windowed is not None) == (local and bool(ids)), "the windowed path gave up on a local decoder"
+    for got in ([windowed] if windowed is not None else []) + [token_bytes(tok, ids)]:
+        assert got.text == ref.text
+        np.testing.assert_array_equal(got.ends, ref.ends)
+    return ref
 
 
 @pytest.mark.parametrize("tname", ["bl300", "bl420", "bf", "bl_nospecial", "ms_first"])
@@ -72,7 +82,7 @@ def test_token_bytes_matches_prefix_rule_on_random_ids(toks, tname):
     for _ in range(150):
         n = int(rng.integers(1, 25))
         pool = byte_ids if rng.random() < 0.5 else range(v)
-        _same(tok, rng.choice(pool, size=n).tolist())
+        _same(tok, rng.choice(pool, size=n).tolist(), local=None)
 
 
 def test_token_bytes_empty_and_single(toks):
@@ -100,11 +110,21 @@ def test_non_local_decoder_falls_back_to_prefix_rule(toks, monkeypatch):
     # "a", " ", ".", " b": the prefix "a " is not a prefix of the full text "a. b" (a decoder that looks ahead).
     ids = [tok.token_to_id(t) for t in ("a", "Ġ", ".", "Ġb")]
     assert None not in ids
+    _same(dec, ids, local=False)   # the windowed path notices and token_bytes decodes every prefix
+    monkeypatch.setattr(align_mod, "_SHORT", 0)
     fallbacks = []
     orig = align_mod._token_bytes_prefix
     monkeypatch.setattr(align_mod, "_token_bytes_prefix", lambda t, i: fallbacks.append(1) or orig(t, i))
-    _same(dec, ids)
-    assert fallbacks == [1]   # token_bytes noticed and decoded prefixes (_same calls the unpatched name)
+    got, ref = token_bytes(dec, ids), orig(dec, ids)
+    assert got.text == ref.text and np.array_equal(got.ends, ref.ends) and fallbacks == [1]
+
+
+def test_long_sequences_take_the_windowed_path(toks, monkeypatch):
+    tok = toks["bf"]
+    ids = tok.encode(MORE["mixed"] * 3, add_special_tokens=False).ids
+    assert len(ids) > align_mod._SHORT
+    monkeypatch.setattr(align_mod, "_token_bytes_prefix", lambda t, i: pytest.fail("decoded every prefix"))
+    assert token_bytes(tok, ids).text == MORE["mixed"] * 3
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
