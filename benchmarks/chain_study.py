@@ -187,25 +187,47 @@ def part3(args, run_one: Callable) -> None:
         record(rec)
         print("diagnostics:", json.dumps(rec), flush=True)
     sft_seeds = args.seeds if args.sft_seeds is None else args.sft_seeds
-    for key in ("response", chain_task.TEACHER_STYLE_KEY):
-        for s in sft_seeds:
-            if any(r["kind"] == "sft" and r["response_key"] == key and r["seed"] == s for r in mine):
-                continue
-            rec = sft_run(assets, args, s, key)
-            record(rec)
-            print(f"SFT on {key} seed={s}: {rec['acc0']:.3f} -> {rec['acc']:.3f}, {rec['wall_s']:.0f}s", flush=True)
+
+    def late() -> bool:
+        """Past --stop_at (UTC HH:MM): start nothing new (a shared machine's time slot)."""
+        if args.stop_at and time.strftime("%H:%M", time.gmtime()) >= args.stop_at:
+            print(f"past --stop_at {args.stop_at} UTC: no new runs", flush=True)
+            return True
+        return False
+
+    def sft_rows(keys) -> None:
+        for key in keys:
+            for s in sft_seeds:
+                if late():
+                    return
+                if any(r["kind"] == "sft" and r["response_key"] == key and r["seed"] == s for r in mine):
+                    continue
+                rec = sft_run(assets, args, s, key)
+                record(rec)
+                print(f"SFT on {key} seed={s}: {rec['acc0']:.3f} -> {rec['acc']:.3f}, {rec['wall_s']:.0f}s",
+                      flush=True)
+
     if args.no_sweep:
+        sft_rows(("response", chain_task.TEACHER_STYLE_KEY))
         return
     done = {(r["lmbda"], r["beta"], r["seed"]) for r in mine if r["kind"] == "gold"}
-    # The lmbda ends first within each seed: a study cut off by time still compares them.
-    todo = [(lm, b, s) for s in args.seeds for lm in (0.0, 1.0, 0.5) for b in BETAS if (lm, b, s) not in done]
+    # The lmbda ends first, pair by pair (beta 0.5, the recipe's, first), within each seed: a study cut
+    # off by time still compares them; the SFT rows after the first pair.
+    todo = [(lm, b, s) for s in args.seeds for b in (0.5, 0.0, 1.0) for lm in (0.0, 1.0)]
+    todo += [(0.5, b, s) for s in args.seeds for b in (0.5, 0.0, 1.0)]
+    todo = [t for t in todo if t not in done]
     print(f"chain sweep: {len(todo)} runs to do ({len(done)} kept from {RUNS}), {args.steps} steps each",
           flush=True)
     for i, (lm, b, s) in enumerate(todo):
+        if i == 2:
+            sft_rows(("response",))
+        if late():
+            break
         rec = run_one(args, lm, b, s)
         rec["kind"] = "gold"
         record(rec)
         print(f"[{i + 1}/{len(todo)}] lmbda={lm:g} beta={b:g} seed={s}: accuracy {rec['acc0']:.3f} -> "
               f"{rec['acc']:.3f}, on-policy {rec['on_policy_ratio']:.2f}, {rec['wall_s']:.0f}s, "
               f"load {rec['load_avg']:.1f}", flush=True)
+    sft_rows(("response", chain_task.TEACHER_STYLE_KEY))
     print("\n" + table(mine, args, assets.info))

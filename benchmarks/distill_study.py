@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--sft_seeds", type=int, nargs="*", default=None,
                         help="chain: seeds of the SFT row (default: --seeds)")
         ap.add_argument("--no_sweep", action="store_true", help="chain: diagnostics and SFT row only")
+        ap.add_argument("--stop_at", default="", help="chain: UTC HH:MM after which no new run starts")
         args = ap.parse_args(argv[1:])
         args.cache_dir = os.path.expanduser(args.cache_dir)
         part2(args)
