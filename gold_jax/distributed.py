@@ -119,6 +119,7 @@ def _kv_client() -> Any:
 def agree_kv(client: Any, me: int, count: int, key: str, values: dict[str, int], what: str,
              timeout_s: float) -> None:
     """Publish `values` under key/me, read every other process's with a deadline, raise on any difference."""
+    values = dict(sorted(values.items()))   # every process's values print in the same key order
     client.key_value_set(f"{key}/{me}", json.dumps(values, sort_keys=True))
     table, missing = {me: values}, []
     for p in range(count):
