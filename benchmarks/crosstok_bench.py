@@ -12,9 +12,9 @@
 (b) Host-side cross-tokenizer work per batch (client: decode and offsets of
     the student rows; server: teacher tokenization, its offsets, alignment,
     top-k moved to student positions), with the teacher forward stubbed out,
-    at the demo's sizes (16 rows of the demo's train split) and at 16 x ~1k
+    at the demo's sizes (64 rows of the demo's train split, its batch) and at 64 x ~1k
     completion tokens, next to the demo's train step (same-tokenizer demo,
-    configs/gold.py, batch 16, median of the timed steps) measured in the same
+    batch 64, median of the timed steps) measured in the same
     run: the ratio is the overhead alignment adds to a step.
 (c) Reply and request bytes per scored token, encoded by teacher/protocol.py:
     cross-tokenizer (text + offsets out; top-k in the teacher vocabulary plus
@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 OUT = os.path.join(HERE, "results", "crosstok_bench.md")
 LINES: list[str] = []
 TOP_K = 64
+BATCH = 64   # the demo's batch (configs/gold.py)
 
 
 def say(line: str = "") -> None:
@@ -137,7 +138,7 @@ class StubBackend:
         return self.made[key]
 
 
-def demo_batch(student, rows, n: int = 16, repeat: int = 1):
+def demo_batch(student, rows, n: int = 64, repeat: int = 1):
     """A SequenceBatch of n demo rows (prompt + response + EOS); `repeat` answers in one completion (long rows)."""
     from gold_jax.demo.sft import encode_rows
     rows = [dict(r, response=" ".join([r["response"]] * repeat)) for r in rows[:n]]
@@ -175,12 +176,21 @@ def host_work(student, teacher, seq, reps: int, *, reference: bool = False) -> t
         R.token_bytes = saved
 
 
+def host_work_pair(student, teacher, seq, reps: int) -> tuple[float, float]:
+    """(fast, reference) medians, measured alternately so that a load spike hits both alike."""
+    fast, ref = [], []
+    for _ in range(reps):
+        fast.append(host_work(student, teacher, seq, 1)[0])
+        ref.append(host_work(student, teacher, seq, 1, reference=True)[0])
+    return statistics.median(fast), statistics.median(ref)
+
+
 def train_step_s(steps: int, warmup: int) -> dict:
-    """The same-tokenizer demo's train step (configs/gold.py, batch 16), median of timed steps."""
+    """The same-tokenizer demo's train step (configs/gold.py's batch), median of timed steps."""
     import types
 
     import train_bench
-    args = types.SimpleNamespace(seed=0, cache_dir="~/.cache/gold_jax/demo", batch=16, warmup=warmup, steps=steps)
+    args = types.SimpleNamespace(seed=0, cache_dir="~/.cache/gold_jax/demo", batch=BATCH, warmup=warmup, steps=steps)
     return train_bench.run_gold(args, 0.5, "one_step_off")
 
 
@@ -188,22 +198,22 @@ def step_table(reps: int, steps: int, warmup: int) -> None:
     student, teacher, rows = demo_tokenizers()
     short, long = demo_batch(student, rows), demo_batch(student, rows, repeat=150)
     n_short, n_long = int(short.completion_mask.sum()), int(long.completion_mask.sum())
-    say(f"## (b) Alignment work per batch vs a train step (16 rows; teacher forward stubbed; median of {reps})\n")
+    say(f"## (b) Alignment work per batch vs a train step ({BATCH} rows; teacher forward stubbed; fast and "
+        f"reference alternately, median of {reps}, 2 for the long batch)\n")
     say("| batch | scored student tokens | fast ms | reference ms | load |")
     say("|---|---:|---:|---:|---:|")
     results = {}
     for name, seq, n in (("demo (prompt <= 32, completion <= 16)", short, n_short),
                          ("long (completion ~1k tokens a row)", long, n_long)):
-        t_fast, _ = host_work(student, teacher, seq, reps)
-        t_ref, _ = host_work(student, teacher, seq, 1 if n > 2000 else reps, reference=True)
+        t_fast, t_ref = host_work_pair(student, teacher, seq, reps if n < 2000 else 2)
         results[name] = (t_fast, t_ref)
         say(f"| {name} | {n} | {t_fast * 1e3:.1f} | {t_ref * 1e3:.0f} | {load()} |")
     sys.path.insert(0, HERE)
     r = train_step_s(steps, warmup)
     step = r["step_s_median"]
     t_fast, t_ref = results["demo (prompt <= 32, completion <= 16)"]
-    say(f"\nDemo train step (configs/gold.py, one_step_off, lmbda 0.5, batch 16, median of {steps} steps after "
-        f"{warmup}): {step * 1e3:.0f} ms (load {r['load']:.2f}).")
+    say(f"\nDemo train step (train_bench.run_gold: the demo models, one_step_off, lmbda 0.5, batch {BATCH}, "
+        f"median of {steps} steps after {warmup}): {step * 1e3:.0f} ms (load {r['load']:.2f}).")
     say(f"Alignment per demo batch / train step: {t_fast / step:.3f} (fast), {t_ref / step:.3f} (reference).\n")
 
 

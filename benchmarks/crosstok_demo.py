@@ -28,7 +28,9 @@ RUNS = os.path.join(HERE, "results", "crosstok_demo_runs.jsonl")
 TABLE = os.path.join(HERE, "results", "crosstok_demo.md")
 sys.path.insert(0, ROOT)   # configs/ is a package of the repository root (configs/gold_cross.py imports it)
 VARIANTS = {"same": ("gold.py", None), "cross": ("gold_cross.py", None), "cross_uld": ("gold_cross.py", "uld"),
-            "control": ("gold.py", None)}
+            "control": ("gold.py", None), "cross_eos": ("gold_cross.py", None)}
+# "cross_eos": configs/gold_cross.py with EOS positions in the loss (uld_skip_student_eos / uld_skip_teacher_eos
+# False; TRL's default skips them): "<|im_end|>" is one token on both sides, matched by string.
 # "control": the demo's own teacher (same tokenizer) forced through the cross-tokenizer path (server-side
 # alignment, hybrid loss; the tokenizer fingerprint the client compares is patched to differ). With one
 # vocabulary every token is matched, the adaptive weights are (1, 0) and the hybrid is the JSD: this run
@@ -72,6 +74,9 @@ def run_one(variant: str, steps: int, seed: int, eval_every: int, run_root: str)
         c.gold.uld_use_hybrid_loss = True
         real_fp = components.tokenizer_fingerprint
         components.tokenizer_fingerprint = lambda tok: "forced-cross-" + real_fp(tok)
+    if variant == "cross_eos":
+        c.gold.uld_skip_student_eos = False
+        c.gold.uld_skip_teacher_eos = False
     shutil.rmtree(c.run_dir, ignore_errors=True)
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     trainer = Trainer(c)
@@ -82,7 +87,8 @@ def run_one(variant: str, steps: int, seed: int, eval_every: int, run_root: str)
     evals = [r for r in read_jsonl(path, kind="eval") if "eval/accuracy" in r]
     train = read_jsonl(path, kind="train")
     unaligned = [float(r["gold/unaligned_frac"]) for r in train if "gold/unaligned_frac" in r]
-    config = f"configs/{file}" + (f":{arg}" if arg else "") + (" + forced cross path" if variant == "control" else "")
+    note = {"control": " + forced cross path", "cross_eos": " + EOS in the loss"}.get(variant, "")
+    config = f"configs/{file}" + (f":{arg}" if arg else "") + note
     return {"variant": variant, "config": config, "seed": seed,
             "steps": len(train), "batch": c.trainer.global_batch_size, "lmbda": c.gold.lmbda,
             "teacher_accuracy": teacher_acc,
@@ -114,6 +120,12 @@ def write_table() -> None:
                      f"{r['acc']:.3f} | {r['acc'] - r['acc0']:+.3f} | {ua} | {r['step_s_median']:.3f} | "
                      f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['load_avg'][0]:.1f}, {r['load_avg'][1]:.1f} | "
                      f"{r['time']} |")
+    lines += ["", "Variants: `same` = configs/gold.py; `cross` = configs/gold_cross.py (hybrid, adaptive weights); "
+              "`cross_uld` = its ULD-only branch; `control` = the demo's own teacher forced through the cross-tokenizer "
+              "path (server-side alignment, hybrid with every token matched: the wiring without the tokenizer "
+              "change); `cross_eos` = configs/gold_cross.py with EOS positions in the loss "
+              "(uld_skip_student_eos = uld_skip_teacher_eos = False). Steps run concurrently two at a time on "
+              "the shared CPU: step times compare runs of one pair only (same/cross, control/cross_eos)."]
     lines += ["", "Curves (step, accuracy):", ""]
     lines += [f"- {r['variant']} (seed {r['seed']}): {r['curve']}" for r in recs]
     with open(TABLE, "w") as f:
