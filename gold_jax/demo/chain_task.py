@@ -29,7 +29,8 @@ capacity gap:
   the teacher's SFT ran at 3-4 s a step, so the preset is smaller: 12
   operations, every prompt the same length. The fixed length puts operation k
   of the prompt at a fixed distance before step k of a style-A completion (3
-  tokens a step in both), which a small teacher learns in a few hundred steps
+  tokens a step in both); the teacher (2 layers, hidden 128) reached 0.125 /
+  0.69 / 1.0 greedy exact match after 300 / 600 / 900 SFT steps of batch 64
   (with 8-10 operations it had not left chance level after 150); style B (7
   tokens a step) breaks that alignment, one more way in which the dataset's
   text is off the teacher's track.
