@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 from gold_jax import cli_errors
 
 
-def _demo_eval_file(cache_dir: str, preset: str, progress: bool) -> str:
+def _demo_eval_file(cache_dir: str, preset: str, progress: bool, task: str = "sort") -> str:
     from gold_jax.demo.build import ensure_demo_assets
-    return ensure_demo_assets(os.path.expanduser(cache_dir), preset=preset, progress=progress).eval_file
+    return ensure_demo_assets(os.path.expanduser(cache_dir), preset=preset, progress=progress,
+                              task=task).eval_file   # issue 18: a chain-task run is scored on the chain task
 
 
 def load_eval_rows(path: str, n: int | None) -> list[dict[str, Any]]:
@@ -90,7 +91,8 @@ def evaluate(*, run: str | None = None, model: str | None = None, step: int | No
             raise FileNotFoundError(f"model folder {model!r} does not exist")
         net, tokenizer, source = load_pretrained(model, dtype="float32"), load_tokenizer(model), model
     if data is None:
-        data = _demo_eval_file(cache_dir or demo.cache_dir, preset or demo.get("preset", "full"), progress)
+        data = _demo_eval_file(cache_dir or demo.cache_dir, preset or demo.get("preset", "full"), progress,
+                               demo.get("task", "sort"))
     rows = load_eval_rows(data, n)
     res = evaluate_accuracy(net, tokenizer, rows, batch_size=min(batch_size, len(rows)), progress=progress)
     return {"accuracy": res["accuracy"], "well_formed": res["well_formed"], "n": len(rows),
