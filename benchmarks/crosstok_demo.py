@@ -1,10 +1,12 @@
 """The cross-tokenizer demo next to the same-tokenizer demo at an equal step count (issue 15).
 
-    python benchmarks/crosstok_demo.py [--steps 200] [--seed 0] [--only same|cross|cross_uld]
+    python benchmarks/crosstok_demo.py [--steps 200] [--seed 0] [--only same|cross_bytelevel|cross|cross_uld|...]
 
 Runs configs/gold.py (teacher with the student's tokenizer) and
 configs/gold_cross.py (the teacher of gold_jax/demo/cross_build.py, another
-tokenizer; hybrid loss; `cross_uld`: ULD only) in this process, one after the
+tokenizer; hybrid loss; `cross_bytelevel`: the byte-level BPE teacher, the
+config's default; `cross`: its `:sentencepiece` teacher, the hard case;
+`cross_uld`: that one with ULD only) in this process, one after the
 other, with the same seed, step count, batch, optimizer and data; the only
 differences are the teacher and the loss. Each run's record (student
 exact-match accuracy at every evaluation, wall and step times, CPU seconds,
@@ -27,8 +29,11 @@ ROOT = os.path.dirname(HERE)
 RUNS = os.path.join(HERE, "results", "crosstok_demo_runs.jsonl")
 TABLE = os.path.join(HERE, "results", "crosstok_demo.md")
 sys.path.insert(0, ROOT)   # configs/ is a package of the repository root (configs/gold_cross.py imports it)
-VARIANTS = {"same": ("gold.py", None), "cross": ("gold_cross.py", None), "cross_uld": ("gold_cross.py", "uld"),
-            "control": ("gold.py", None), "cross_eos": ("gold_cross.py", None)}
+VARIANTS = {"same": ("gold.py", None), "cross": ("gold_cross.py", "sentencepiece"),
+            "cross_uld": ("gold_cross.py", "sentencepiece,uld"), "control": ("gold.py", None),
+            "cross_eos": ("gold_cross.py", "sentencepiece"), "cross_bytelevel": ("gold_cross.py", None)}
+# "cross", "cross_uld", "cross_eos": the SentencePiece-style teacher (configs/gold_cross.py's default until
+# XTOK-DEMO2); "cross_bytelevel": the byte-level BPE teacher (other merges and ids, larger vocabulary), the default.
 # "cross_eos": configs/gold_cross.py with EOS positions in the loss (uld_skip_student_eos / uld_skip_teacher_eos
 # False; TRL's default skips them): "<|im_end|>" is one token on both sides, matched by string.
 # "control": the demo's own teacher (same tokenizer) forced through the cross-tokenizer path (server-side
@@ -50,7 +55,8 @@ def teacher_accuracy(c) -> float:
     from gold_jax.demo.build import ensure_demo_assets
     from gold_jax.demo.cross_build import ensure_cross_assets
     ensure = ensure_cross_assets if c.demo.cross_teacher else ensure_demo_assets
-    return ensure(expand(c.demo.cache_dir), preset=c.demo.preset, progress=False).info["teacher"]["accuracy"]
+    kw = {"variant": c.demo.cross_teacher} if c.demo.cross_teacher else {}
+    return ensure(expand(c.demo.cache_dir), preset=c.demo.preset, progress=False, **kw).info["teacher"]["accuracy"]
 
 
 def run_one(variant: str, steps: int, seed: int, eval_every: int, run_root: str) -> dict:
@@ -106,8 +112,11 @@ def write_table() -> None:
     recs = [json.loads(line) for line in open(RUNS)] if os.path.exists(RUNS) else []
     lines = ["# Cross-tokenizer demo vs same-tokenizer demo (benchmarks/crosstok_demo.py)", "",
              "Student: the demo's warmed-up student (byte-level BPE, 288 tokens). Same-tokenizer teacher: the demo's "
-             "(same tokenizer). Cross teacher: gold_jax/demo/cross_build.py (byte-fallback BPE, Metaspace without "
-             "splitting at spaces, two digits a token, 462 tokens). Accuracy: greedy exact match on 256 held-out "
+             "(same tokenizer). Cross teachers: gold_jax/demo/cross_build.py, `sentencepiece` (byte-fallback BPE, "
+             "Metaspace without splitting at spaces, two digits a token, 462 tokens, 39 token strings shared with "
+             "the student: 39/462 = 8%) and `bytelevel` (byte-level BPE as the student's, other corpus mix, "
+             "merges and ids, specials at the end, 1028 tokens, 274 of the 288 student strings shared: "
+             "274/1028 = 27%, no shared string keeps its id). Accuracy: greedy exact match on 256 held-out "
              "prompts. Wall times on a shared 2-core CPU (load = 1-min load average at start, end).", "",
              "| run | config | seed | steps | teacher acc | student acc before | after | gain | unaligned frac "
              "(mean / max) | step s (median) | wall s | CPU s | load | when |",
@@ -120,10 +129,12 @@ def write_table() -> None:
                      f"{r['acc']:.3f} | {r['acc'] - r['acc0']:+.3f} | {ua} | {r['step_s_median']:.3f} | "
                      f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['load_avg'][0]:.1f}, {r['load_avg'][1]:.1f} | "
                      f"{r['time']} |")
-    lines += ["", "Variants: `same` = configs/gold.py; `cross` = configs/gold_cross.py (hybrid, adaptive weights); "
-              "`cross_uld` = its ULD-only branch; `control` = the demo's own teacher forced through the cross-tokenizer "
+    lines += ["", "Variants: `same` = configs/gold.py; `cross` = configs/gold_cross.py:sentencepiece (hybrid, "
+              "adaptive weights); "
+              "`cross_uld` = its ULD-only branch; `cross_bytelevel` = configs/gold_cross.py with its default "
+              "byte-level teacher; `control` = the demo's own teacher forced through the cross-tokenizer "
               "path (server-side alignment, hybrid with every token matched: the wiring without the tokenizer "
-              "change); `cross_eos` = configs/gold_cross.py with EOS positions in the loss "
+              "change); `cross_eos` = configs/gold_cross.py:sentencepiece with EOS positions in the loss "
               "(uld_skip_student_eos = uld_skip_teacher_eos = False). Steps run concurrently two at a time on "
               "the shared CPU: step times compare runs of one pair only (same/cross, control/cross_eos)."]
     lines += ["", "Curves (step, accuracy):", ""]

@@ -44,7 +44,8 @@ def resolve_demo(cfg: ml_collections.ConfigDict) -> Any | None:
                                 task=cfg.demo.get("task", "sort"))   # issue 18: sort | chain
     if cfg.demo.cross_teacher:   # issue 15: the same task's teacher with another tokenizer (built on first use)
         from gold_jax.demo.cross_build import ensure_cross_assets
-        cross = ensure_cross_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset)
+        cross = ensure_cross_assets(config_lib.expand(cfg.demo.cache_dir), preset=cfg.demo.preset,
+                                    variant=cfg.demo.cross_teacher)
         assets = dataclasses.replace(assets, teacher_dir=cross.teacher_dir,
                                      info={**assets.info, "teacher": cross.info["teacher"]})
     with cfg.unlocked():

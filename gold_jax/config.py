@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.max_response_length = 0
     # XTOK-DEMO (issue 15): the demo's teacher with another tokenizer (demo/cross_build.py, built on first
     # use); needs gold.cross_tokenizer=True. configs/gold_cross.py sets both.
-    c.demo.cross_teacher = False
+    # XTOK-DEMO2: "" = the demo's own teacher; "bytelevel" (another byte-level BPE, the Qwen <-> Llama 3 regime)
+    # or "sentencepiece" (byte-fallback Metaspace BPE, few shared token strings: the hard case).
+    c.demo.cross_teacher = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.student_path = ""      # HF-format dir; "" = the demo student
@@ -231,8 +233,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> No
     _check(cfg.demo.eval_n >= 1, "demo.eval_n", cfg.demo.eval_n, "must be >= 1")
     for k in ("max_prompt_length", "max_response_length"):   # H3: the demo's data lengths
         _check(cfg.demo[k] >= 0, f"demo.{k}", cfg.demo[k], "must be >= 0 (0 = data's)")
-    _check(isinstance(cfg.demo.cross_teacher, bool), "demo.cross_teacher", cfg.demo.cross_teacher,   # XTOK-DEMO
-           "must be True or False")
+    _check(cfg.demo.cross_teacher in ("", "bytelevel", "sentencepiece"), "demo.cross_teacher",   # XTOK-DEMO2
+           cfg.demo.cross_teacher, "must be '' (the demo's own teacher), 'bytelevel' or 'sentencepiece'")
     _check(not cfg.demo.cross_teacher or cfg.gold.cross_tokenizer, "demo.cross_teacher", cfg.demo.cross_teacher,
            "the cross-tokenizer demo teacher has another tokenizer: set gold.cross_tokenizer=True too")
     _check(not cfg.demo.cross_teacher or cfg.demo.get("task", "sort") == "sort", "demo.cross_teacher",

@@ -15,10 +15,11 @@ from gold_jax.demo import task
 def test_gold_cross_config_validates():
     from configs.gold import get_config as gold_config
     from configs.gold_cross import get_config
-    for arg in (None, "runlocal", "uld", "runlocal,uld"):
+    for arg in (None, "runlocal", "uld", "runlocal,uld", "sentencepiece", "runlocal,sentencepiece,uld"):
         c = get_config(arg)
         config_lib.validate(c)
-        assert c.gold.cross_tokenizer and c.demo.cross_teacher
+        assert c.gold.cross_tokenizer
+        assert c.demo.cross_teacher == ("sentencepiece" if "sentencepiece" in (arg or "") else "bytelevel")
         assert c.gold.uld_use_hybrid_loss == ("uld" not in (arg or ""))
     # Everything but the teacher and the loss is the same-tokenizer demo's: equal-step comparisons hold.
     same, cross = gold_config(None), get_config(None)
@@ -31,8 +32,13 @@ def test_gold_cross_config_validates():
 
 def test_cross_teacher_needs_cross_tokenizer():
     c = config_lib.base_config()
-    c.demo.cross_teacher = True
+    c.demo.cross_teacher = "bytelevel"
     with pytest.raises(ValueError, match="demo.cross_teacher.*gold.cross_tokenizer"):
+        config_lib.validate(c)
+    c.gold.cross_tokenizer = True
+    config_lib.validate(c)
+    c.demo.cross_teacher = "llama"
+    with pytest.raises(ValueError, match="demo.cross_teacher.*'bytelevel' or 'sentencepiece'"):
         config_lib.validate(c)
 
 
@@ -43,12 +49,38 @@ def two_tokenizers():
     train, val = task.make_splits(400, 20, min_len=4, max_len=8, seed=0)
     corpus = task.tokenizer_corpus(train)
     return train_tokenizer(corpus, vocab_size=512), train_teacher_tokenizer(corpus + ["user", "assistant"] * 2,
-                                                                             600), val
+                                                                             600), val, corpus
+
+
+def test_bytelevel_teacher_tokenizer_differs_but_spells_the_task_alike(two_tokenizers):
+    """The byte-level variant: other merges and ids, a larger vocabulary, the student's strings all shared."""
+    import json
+
+    from gold_jax.crosstok.align import align
+    from gold_jax.demo.cross_build import train_bytelevel_teacher_tokenizer
+    student, _, rows, corpus = two_tokenizers
+    teacher = train_bytelevel_teacher_tokenizer(corpus + ["user", "assistant"] * 2, 600)
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    assert len(tv) > len(sv)
+    assert set(sv) <= set(tv)                      # every student token string exists in the teacher's vocabulary
+    assert all(sv[k] != tv[k] for k in sv)         # ... under another id
+    s_merges, t_merges = (json.loads(t.backend_tokenizer.to_str())["model"]["merges"] for t in (student, teacher))
+    assert len(t_merges) > len(s_merges) and t_merges[:len(s_merges)] != s_merges   # other merges, other ranks
+    for row in rows:
+        text = student.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        text += row["response"] + "<|im_end|>"
+        sid = student(text, add_special_tokens=False)["input_ids"]
+        tid = teacher(text, add_special_tokens=False)["input_ids"]
+        assert teacher.decode(tid, skip_special_tokens=False) == text
+        assert sid != tid and student.convert_ids_to_tokens(sid) == teacher.convert_ids_to_tokens(tid)
+        al = align(student.backend_tokenizer, sid, teacher.backend_tokenizer, tid)
+        assert al.unaligned_frac == 0.0
+        assert all(s1 - s0 == 1 and t1 - t0 == 1 for s0, s1, t0, t1, _, _ in al.spans)
 
 
 def test_cross_tokenizers_differ_and_both_redecode_the_task(two_tokenizers):
     from gold_jax.crosstok.align import align
-    student, teacher, rows = two_tokenizers
+    student, teacher, rows, _ = two_tokenizers
     assert len(teacher) > len(student)
     assert teacher.backend_tokenizer.pre_tokenizer.__class__ is not student.backend_tokenizer.pre_tokenizer.__class__
     longer = 0
@@ -93,7 +125,7 @@ def test_tiny_cross_assets_build_and_resolve(tmp_path):
     with open(marker) as f:
         assert json.load(f)["demo"]["preset"] == "tiny"
     from configs.gold_cross import get_config
-    cfg = get_config("runlocal")
+    cfg = get_config("runlocal,sentencepiece")
     cfg.demo.cache_dir, cfg.demo.preset = str(tmp_path), "tiny"
     demo = components.resolve_demo(cfg)
     assert cfg.model.teacher_path == a.teacher_dir and cfg.model.student_path == demo.student_dir

@@ -1,12 +1,21 @@
 """Build (once) a teacher for the demo task that uses ANOTHER tokenizer (cross-tokenizer demo, issue 15).
 
 The student stays the demo's own warmed-up student (byte-level BPE, Qwen
-style, one token per digit or " digit"). The teacher here reads the same
-sorting text through a SentencePiece-style tokenizer, as a Llama-family model
-would: byte-fallback BPE whose pre-tokenizer does not split at spaces
-(Metaspace "▁", split=False), so its merges span two digits ("▁3▁5"), with
-a larger vocabulary. Its model is trained on the demo's train split by
-the same SFT code as the demo teacher until it solves the task.
+style, one token per digit or " digit"). Two teacher tokenizers (`variant`):
+
+- "bytelevel": byte-level BPE like the student's (ByteLevel pre-tokenizer,
+  "Ġ" spaces) with other merges and a larger vocabulary, trained on another
+  corpus mix (the task's texts in reverse order plus its digit lists written
+  without spaces) with the special tokens at the END of the vocabulary: every
+  id differs, the common tokens are spelled the same. This is the regime of
+  real cross-family pairs (Qwen2.5 <-> Llama 3).
+- "sentencepiece": the hard case. A SentencePiece-style byte-fallback BPE, as
+  a Llama-2-family model: its pre-tokenizer does not split at spaces
+  (Metaspace "▁", split=False), so its merges span two digits ("▁3▁5"), and
+  few token strings are shared with the student's.
+
+Either teacher's model is trained on the demo's train split by the same SFT
+code as the demo teacher until it solves the task.
 
 Cached like the demo's assets (`demo.build`): a private temporary folder
 renamed into place with a completion marker written last, a file lock, and a
@@ -28,8 +37,11 @@ import pyarrow.parquet as pq
 from gold_jax.demo import build, task
 
 CROSS_VERSION = 1
+CROSS_VARIANTS = ("bytelevel", "sentencepiece")   # demo.cross_teacher's values (see the module docstring)
 # Teacher tokenizer vocabulary cap per demo preset; "full" stops at 462 (the student's has 288).
 CROSS_VOCAB = {"full": 1024, "tiny": 400}
+# The byte-level variant's cap: larger than the student's 288 on the same task texts.
+BYTELEVEL_VOCAB = {"full": 1024, "tiny": 600}
 # Merges up to 5 characters ("▁4▁5", "0▁2"): two digits a token. Longer chunks ("1▁4▁4▁7") make the
 # task much harder for a model of the demo teacher's size (loss still 3.1 after 350 steps at 1024 tokens).
 MAX_TOKEN_CHARS = 5
@@ -72,15 +84,59 @@ def train_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
     return hf
 
 
-def _spec_key(preset: str) -> dict[str, Any]:
+def train_bytelevel_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE as the student's (GPT-2 pre-tokenizer, "Ġ" spaces) with other merges and ids.
+
+    Trained on `texts` in reverse order plus their digit lists without spaces
+    ("3 1 4" -> "314", whose merges the student never learns), with
+    min_frequency=2, so the merge list and its ranks differ and the vocabulary
+    is larger; the special tokens are added after training, at the end of the
+    vocabulary (as Llama 3's are), so no token keeps the student's id.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gold_jax.data.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, PAD, SPECIAL_TOKENS
+    texts = list(texts)
+    mix = list(reversed(texts)) + [t.replace(" ", "") if t[:1].isdigit() else t for t in texts]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(mix, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=None, bos_token=None,
+        extra_special_tokens=[ENDOFTEXT, IM_START], clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20, padding_side="left")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in CROSS_VARIANTS:
+        raise ValueError(f"variant={variant!r}: the cross-tokenizer demo teacher is one of {CROSS_VARIANTS}")
+
+
+def _root_name(preset: str, variant: str) -> str:
+    """cross-<preset> for the SentencePiece variant (its first cache stays valid), else cross-<variant>-<preset>."""
+    return f"cross-{preset}" if variant == "sentencepiece" else f"cross-{variant}-{preset}"
+
+
+def _spec_key(preset: str, variant: str = "sentencepiece") -> dict[str, Any]:
+    if variant == "bytelevel":
+        return {"version": CROSS_VERSION, "variant": variant, "demo": build._spec_key(preset),
+                "teacher_vocab": BYTELEVEL_VOCAB[preset]}
     return {"version": CROSS_VERSION, "demo": build._spec_key(preset), "teacher_vocab": CROSS_VOCAB[preset],
             "max_token_chars": MAX_TOKEN_CHARS}
 
 
-def _is_complete(root: str, preset: str) -> bool:
+def _is_complete(root: str, preset: str, variant: str) -> bool:
     try:
         with open(os.path.join(root, build.MARKER)) as f:
-            return json.load(f) == _spec_key(preset)
+            return json.load(f) == _spec_key(preset, variant)
     except (OSError, ValueError):
         return False
 
@@ -91,22 +147,25 @@ def _assets(root: str, demo: build.DemoAssets) -> CrossAssets:
     return CrossAssets(root, os.path.join(root, "teacher"), demo, info)
 
 
-def ensure_cross_assets(cache_dir: str, *, preset: str = "full", progress: bool = True) -> CrossAssets:
-    """The cross-tokenizer teacher under cache_dir/cross-<preset> (and the demo's assets), built if needed."""
+def ensure_cross_assets(cache_dir: str, *, preset: str = "full", variant: str = "sentencepiece",
+                        progress: bool = True) -> CrossAssets:
+    """The cross-tokenizer teacher `variant` (CROSS_VARIANTS) under cache_dir + the demo's assets; built if needed."""
+    _check_variant(variant)
     if preset not in CROSS_VOCAB:
         raise ValueError(f"preset={preset!r}: the cross-tokenizer teacher exists for the sorting task's presets "
                          f"{sorted(CROSS_VOCAB)}")
     demo = build.ensure_demo_assets(cache_dir, preset=preset, progress=progress)   # validates both arguments
     cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
-    root = os.path.join(cache_dir, f"cross-{preset}")
-    if _is_complete(root, preset):
+    name = _root_name(preset, variant)
+    root = os.path.join(cache_dir, name)
+    if _is_complete(root, preset, variant):
         return _assets(root, demo)
-    with build._lock(os.path.join(cache_dir, f".cross-{preset}.lock")):
-        if _is_complete(root, preset):   # another process built it while we waited
+    with build._lock(os.path.join(cache_dir, f".{name}.lock")):
+        if _is_complete(root, preset, variant):   # another process built it while we waited
             return _assets(root, demo)
-        tmp = tempfile.mkdtemp(prefix=f".cross-{preset}.building-", dir=cache_dir)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.building-", dir=cache_dir)
         try:
-            _build(tmp, preset, demo, progress=progress)
+            _build(tmp, preset, demo, variant=variant, progress=progress)
             if os.path.exists(root):
                 build.log.warning("cross-tokenizer demo assets in %s are incomplete or stale: rebuilding", root)
                 shutil.rmtree(root)
@@ -121,7 +180,7 @@ def _rows(path: str) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 
 
-def _build(out: str, preset: str, demo: build.DemoAssets, *, progress: bool) -> None:
+def _build(out: str, preset: str, demo: build.DemoAssets, *, variant: str, progress: bool) -> None:
     from gold_jax.data.tokenizer import load_tokenizer
     from gold_jax.demo.evaluate import evaluate_accuracy
     from gold_jax.demo.sft import encode_rows, sft_train
@@ -130,8 +189,11 @@ def _build(out: str, preset: str, demo: build.DemoAssets, *, progress: bool) -> 
     p, t0, cpu0 = build.PRESETS[preset], time.perf_counter(), time.process_time()
     train, val, test = _rows(demo.train_file), _rows(demo.val_file), _rows(demo.eval_file)
     # Role names twice so that they merge (min_frequency=2) as the student's do.
-    tok = train_teacher_tokenizer(task.tokenizer_corpus(train + val) + ["user", "assistant"] * 2,
-                                  CROSS_VOCAB[preset])
+    corpus = task.tokenizer_corpus(train + val) + ["user", "assistant"] * 2
+    if variant == "bytelevel":
+        tok = train_bytelevel_teacher_tokenizer(corpus, BYTELEVEL_VOCAB[preset])
+    else:
+        tok = train_teacher_tokenizer(corpus, CROSS_VOCAB[preset])
     student_tok = load_tokenizer(demo.student_dir)
     data = encode_rows(tok, train)
     t_tok = time.perf_counter() - t0
@@ -159,15 +221,17 @@ def _build(out: str, preset: str, demo: build.DemoAssets, *, progress: bool) -> 
 
     def tokens_per_answer(t: Any) -> float:
         return sum(len(t(r["response"], add_special_tokens=False)["input_ids"]) for r in test) / len(test)
+    shared = set(student_tok.get_vocab()) & set(tok.get_vocab())
     info = {
-        "preset": preset,
+        "preset": preset, "variant": variant,
         "teacher": {"accuracy": acc["accuracy"], "well_formed": acc["well_formed"], "sft_steps": steps,
                     "params": build._n_params(teacher), "checks": checks, **dataclasses.asdict(p.teacher)},
         "student_accuracy": demo.info.get("student", {}).get("accuracy"),
         "tokenizers": {"student_vocab": len(student_tok), "teacher_vocab": len(tok),
                        "student_tokens_per_answer": round(tokens_per_answer(student_tok), 2),
                        "teacher_tokens_per_answer": round(tokens_per_answer(tok), 2),
-                       "shared_strings": len(set(student_tok.get_vocab()) & set(tok.get_vocab()))},
+                       "shared_strings": len(shared),
+                       "shared_same_id": sum(student_tok.get_vocab()[k] == tok.get_vocab()[k] for k in shared)},
         "eval_n": len(test),
         "timings_s": {"tokenizer_s": round(t_tok, 2), "teacher_s": round(t_train, 2)},
         "build_s": round(time.perf_counter() - t0, 2), "build_cpu_s": round(time.process_time() - cpu0, 2),
@@ -176,19 +240,21 @@ def _build(out: str, preset: str, demo: build.DemoAssets, *, progress: bool) -> 
     with open(os.path.join(out, "cross_assets.json"), "w") as f:
         json.dump(info, f, indent=2)
     with open(os.path.join(out, build.MARKER), "w") as f:   # last: its presence means the build finished
-        json.dump(_spec_key(preset), f)
+        json.dump(_spec_key(preset, variant), f)
     if acc["accuracy"] < p.teacher_target:
         build.log.warning("cross-tokenizer teacher accuracy %.3f is below the target %.2f",
                           acc["accuracy"], p.teacher_target)
-    msg = (f"cross-tokenizer teacher ({preset}) built in {info['build_s']:.0f}s: accuracy {acc['accuracy']:.3f} "
+    msg = (f"cross-tokenizer teacher ({variant}, {preset}) built in {info['build_s']:.0f}s: "
+           f"accuracy {acc['accuracy']:.3f} "
            f"on {len(test)} held-out prompts; vocab {len(tok)} vs the student's {len(student_tok)}")
     build.log.info(msg)
     if progress:
         build.tqdm.write(msg)
 
 
-if __name__ == "__main__":   # python -m gold_jax.demo.cross_build [cache_dir] [preset]
+if __name__ == "__main__":   # python -m gold_jax.demo.cross_build [cache_dir] [preset] [variant]
     import sys
     a = ensure_cross_assets(sys.argv[1] if len(sys.argv) > 1 else "~/.cache/gold_jax/demo",
-                            preset=sys.argv[2] if len(sys.argv) > 2 else "full")
+                            preset=sys.argv[2] if len(sys.argv) > 2 else "full",
+                            variant=sys.argv[3] if len(sys.argv) > 3 else "sentencepiece")
     print(json.dumps(a.info, indent=2))
