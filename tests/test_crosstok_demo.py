@@ -42,6 +42,13 @@ def test_cross_teacher_needs_cross_tokenizer():
         config_lib.validate(c)
 
 
+def test_unknown_cross_teacher_variant_fails_before_any_build(tmp_path):
+    from gold_jax.demo.cross_build import ensure_cross_assets
+    with pytest.raises(ValueError, match="variant='llama'.*bytelevel"):
+        ensure_cross_assets(str(tmp_path), preset="tiny", variant="llama", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def two_tokenizers():
     from gold_jax.data.tokenizer import train_tokenizer
@@ -105,7 +112,8 @@ def test_cross_tokenizers_differ_and_both_redecode_the_task(two_tokenizers):
 
 
 @pytest.mark.slow
-def test_tiny_cross_assets_build_and_resolve(tmp_path):
+@pytest.mark.parametrize("variant", ["sentencepiece", "bytelevel"])
+def test_tiny_cross_assets_build_and_resolve(tmp_path, variant):
     """ensure_cross_assets builds once (marker, reuse), and a demo run with demo.cross_teacher gets that teacher."""
     import json
     import os
@@ -113,19 +121,20 @@ def test_tiny_cross_assets_build_and_resolve(tmp_path):
     from gold_jax import components
     from gold_jax.demo.cross_build import ensure_cross_assets
     from gold_jax.models.hf_io import load_pretrained
-    a = ensure_cross_assets(str(tmp_path), preset="tiny", progress=False)
+    a = ensure_cross_assets(str(tmp_path), preset="tiny", variant=variant, progress=False)
+    assert a.info["variant"] == variant
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert os.path.isfile(os.path.join(a.teacher_dir, name))
     assert load_pretrained(a.teacher_dir).config.vocab_size == a.info["tokenizers"]["teacher_vocab"]
     assert a.info["tokenizers"]["teacher_vocab"] > a.info["tokenizers"]["student_vocab"]
     marker = os.path.join(a.root, "COMPLETE.json")
     mtime = os.path.getmtime(marker)
-    assert ensure_cross_assets(str(tmp_path), preset="tiny", progress=False).info == a.info
+    assert ensure_cross_assets(str(tmp_path), preset="tiny", variant=variant, progress=False).info == a.info
     assert os.path.getmtime(marker) == mtime   # cached: not rebuilt
     with open(marker) as f:
         assert json.load(f)["demo"]["preset"] == "tiny"
     from configs.gold_cross import get_config
-    cfg = get_config("runlocal,sentencepiece")
+    cfg = get_config("runlocal" + (",sentencepiece" if variant == "sentencepiece" else ""))
     cfg.demo.cache_dir, cfg.demo.preset = str(tmp_path), "tiny"
     demo = components.resolve_demo(cfg)
     assert cfg.model.teacher_path == a.teacher_dir and cfg.model.student_path == demo.student_dir
