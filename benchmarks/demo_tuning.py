@@ -40,13 +40,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RUNS = os.path.join(RESULTS, "demo_tuning_runs.jsonl")
 
 
-def _gold_config():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "gold.py")
-    spec = importlib.util.spec_from_file_location("gold_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from distill_study import _gold_config  # noqa: E402  (this script's folder is sys.path[0])
 
 
 def _parse(value: str):
@@ -118,7 +112,6 @@ def run_one(name: str, steps: int, sets: dict, seed: int, eval_every: int, run_r
 
 
 def ceiling(args) -> None:
-    import numpy as np
     import pyarrow.parquet as pq
     from gold_jax.data import load_tokenizer
     from gold_jax.demo import build

@@ -14,7 +14,6 @@ rounds alternating in one run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax

@@ -5,7 +5,6 @@ Student and teacher tokenizers are the tiny ChatML byte-level BPE trained here a
 against a float64 NumPy computation from the teacher's full distribution, with the alignment computed
 independently by `align.align` (prefix decoding on both sides) rather than through the wire's offsets.
 """
-import jax
 import jax.numpy as jnp
 import msgpack
 import numpy as np

@@ -16,7 +16,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gold_jax.models import Decoder, KVCache, ModelConfig, default_positions, hf_io  # noqa: E402
+from gold_jax.models import Decoder, ModelConfig, default_positions, hf_io  # noqa: E402
 from gold_jax.models.partition import shard_model, state_shardings  # noqa: E402
 from gold_jax.sharding import make_mesh  # noqa: E402
 

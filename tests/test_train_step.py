@@ -12,7 +12,7 @@ from conftest import MESH_SHAPES
 from gold_jax.models import ModelConfig, init_model
 from gold_jax.models.partition import shard_model
 from gold_jax.sharding import make_mesh
-from gold_jax.train_step import (LossSpec, TrainState, grads_and_loss, init_state, jit_train_step, make_optimizer,
+from gold_jax.train_step import (LossSpec, grads_and_loss, init_state, jit_train_step, make_optimizer,
                                  make_schedule, train_step)
 
 V, P_LEN, R, B, K = 64, 5, 6, 8, 8

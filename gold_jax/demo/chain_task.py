@@ -66,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from gold_jax.demo.task import ground_truth  # the same verl reward_model field
+
 DATA_SOURCE = "gold_jax/chain_mod10"
 INSTRUCTION = "Run:"
 TEACHER_STYLE_KEY = "response_teacher_style"   # style A, next to the dataset's style-B "response"
@@ -183,14 +185,6 @@ def make_splits(n_train: int, n_val: int, *, min_len: int = 15, max_len: int = 1
             out[which].append(make_row(start, ops, split, len(out[which])))
     val, train = out
     return train, val
-
-
-def ground_truth(row: Mapping[str, Any]) -> str:
-    try:
-        return str(row["reward_model"]["ground_truth"])
-    except (KeyError, TypeError) as e:
-        raise ValueError("prompt_row needs reward_model.ground_truth "
-                         f"(verl format); got keys {sorted(row) if isinstance(row, Mapping) else type(row)}") from e
 
 
 def extract_answer(completion_text: str) -> str | None:

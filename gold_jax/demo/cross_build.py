@@ -63,9 +63,7 @@ def train_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
     the completion (the server tokenizes prompt + completion as one text).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from gold_jax.data.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, PAD, SPECIAL_TOKENS
+    from gold_jax.data.tokenizer import SPECIAL_TOKENS
     texts = list(texts)
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]   # any byte the student may write stays encodable
     tok = Tokenizer(models.BPE(byte_fallback=True))
@@ -76,12 +74,7 @@ def train_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + byte_tokens, show_progress=False,
         min_frequency=2, max_token_length=MAX_TOKEN_CHARS))
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=None, bos_token=None,
-        extra_special_tokens=[ENDOFTEXT, IM_START], clean_up_tokenization_spaces=False,
-        model_max_length=1 << 20, padding_side="left")
-    hf.chat_template = CHATML_TEMPLATE
-    return hf
+    return _wrap(tok)
 
 
 def train_bytelevel_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -94,9 +87,7 @@ def train_bytelevel_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
     vocabulary (as Llama 3's are), so no token keeps the student's id.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from gold_jax.data.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, PAD, SPECIAL_TOKENS
+    from gold_jax.data.tokenizer import SPECIAL_TOKENS
     texts = list(texts)
     mix = list(reversed(texts)) + [t.replace(" ", "") if t[:1].isdigit() else t for t in texts]
     tok = Tokenizer(models.BPE())
@@ -107,12 +98,7 @@ def train_bytelevel_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
         vocab_size=vocab_size, show_progress=False, min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.add_special_tokens(SPECIAL_TOKENS)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=None, bos_token=None,
-        extra_special_tokens=[ENDOFTEXT, IM_START], clean_up_tokenization_spaces=False,
-        model_max_length=1 << 20, padding_side="left")
-    hf.chat_template = CHATML_TEMPLATE
-    return hf
+    return _wrap(tok)
 
 
 def _check_variant(variant: str) -> None:
@@ -258,3 +244,16 @@ if __name__ == "__main__":   # python -m gold_jax.demo.cross_build [cache_dir] [
                             preset=sys.argv[2] if len(sys.argv) > 2 else "full",
                             variant=sys.argv[3] if len(sys.argv) > 3 else "sentencepiece")
     print(json.dumps(a.info, indent=2))
+
+
+def _wrap(tok):
+    """The HF fast tokenizer around a trained `tokenizers.Tokenizer`: the demo's specials and ChatML template."""
+    from transformers import PreTrainedTokenizerFast
+
+    from gold_jax.data.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, PAD
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=None, bos_token=None,
+        extra_special_tokens=[ENDOFTEXT, IM_START], clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20, padding_side="left")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf

@@ -30,7 +30,7 @@ import numpy as np
 import zmq
 
 from gold_jax.teacher import protocol as P
-from gold_jax.types import RolloutResult, SequenceBatch, TeacherScores
+from gold_jax.types import SequenceBatch
 
 
 log = logging.getLogger("gold_jax.teacher.client")
