@@ -62,6 +62,8 @@ def teacher_accuracy(c) -> float:
 def run_one(variant: str, steps: int, seed: int, eval_every: int, run_root: str) -> dict:
     import numpy as np
 
+    from distill_study import quiet_run  # this script's folder is sys.path[0]
+
     from gold_jax.metrics import read_jsonl
     from gold_jax.trainer import Trainer
     file, arg = VARIANTS[variant]
@@ -70,10 +72,7 @@ def run_one(variant: str, steps: int, seed: int, eval_every: int, run_root: str)
     c.run_dir = os.path.join(run_root, variant)
     c.trainer.max_steps = steps
     c.trainer.eval_every = eval_every
-    c.trainer.log_completions_every = 0
-    c.trainer.tensorboard = False
-    c.trainer.progress_bar = False
-    c.checkpoint.enabled = False
+    quiet_run(c)
     if variant == "control":
         from gold_jax import components
         c.gold.cross_tokenizer = True

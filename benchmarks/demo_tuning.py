@@ -40,7 +40,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RUNS = os.path.join(RESULTS, "demo_tuning_runs.jsonl")
 
 
-from distill_study import _gold_config  # noqa: E402  (this script's folder is sys.path[0])
+from distill_study import _gold_config, quiet_run  # noqa: E402  (this script's folder is sys.path[0])
 
 
 def _parse(value: str):
@@ -66,16 +66,8 @@ def run_one(name: str, steps: int, sets: dict, seed: int, eval_every: int, run_r
     c.run_dir = os.path.join(run_root, f"{name}_s{seed}")
     c.trainer.max_steps = steps
     c.trainer.eval_every = eval_every
-    c.trainer.log_completions_every = 0
-    c.trainer.tensorboard = False
-    c.trainer.progress_bar = False
-    c.checkpoint.enabled = False
-    for k, v in sets.items():
-        node = c
-        *path, leaf = k.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = v
+    quiet_run(c)
+    c.update_from_flattened_dict(sets)
     shutil.rmtree(c.run_dir, ignore_errors=True)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     trainer = Trainer(c)

@@ -171,6 +171,15 @@ def _gold_config():
     return mod.get_config()
 
 
+def quiet_run(c):
+    """A benchmark run: no completions log, TensorBoard, progress bar or checkpoints (figures only)."""
+    c.trainer.log_completions_every = 0
+    c.trainer.tensorboard = False
+    c.trainer.progress_bar = False
+    c.checkpoint.enabled = False
+    return c
+
+
 def sweep_config(args, lmbda: float, beta: float, seed: int, run_dir: str):
     """configs/gold.py plus the study's overrides (everything else: the recipe's defaults)."""
     c = _gold_config()
@@ -184,11 +193,7 @@ def sweep_config(args, lmbda: float, beta: float, seed: int, run_dir: str):
     c.optimizer.lr = args.lr
     c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(args.steps // 10, 1))
     c.trainer.eval_every = 0            # accuracy at step 0 and at the end only; no validation-loss passes
-    c.trainer.log_completions_every = 0
-    c.trainer.tensorboard = False
-    c.trainer.progress_bar = False
-    c.checkpoint.enabled = False
-    return c
+    return quiet_run(c)
 
 
 def _run_one(args, lmbda: float, beta: float, seed: int) -> dict:

@@ -34,7 +34,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def study_config(args, run_dir: str, seed: int, **over):
-    from distill_study import _gold_config  # this script's folder is sys.path[0]
+    from distill_study import _gold_config, quiet_run  # this script's folder is sys.path[0]
     c = _gold_config()
     c.seed, c.run_dir = seed, run_dir
     c.demo.cache_dir, c.demo.preset, c.demo.eval_n = args.cache_dir, "full", args.eval_n
@@ -45,14 +45,8 @@ def study_config(args, run_dir: str, seed: int, **over):
     c.optimizer.lr = args.lr
     c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(args.steps // 10, 1))
     c.trainer.eval_every = 0
-    c.trainer.log_completions_every = 0
-    c.trainer.tensorboard = False
-    c.trainer.progress_bar = False
-    c.checkpoint.enabled = False
-    for k, v in over.items():
-        section, key = k.split(".")
-        c[section][key] = v
-    return c
+    c.update_from_flattened_dict(over)
+    return quiet_run(c)
 
 
 def run_one(args, name: str, seed: int, **over) -> dict:
