@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RUNS = os.path.join(RESULTS, "distill_study_chain_runs.jsonl")
 TABLE = os.path.join(RESULTS, "distill_study_chain.md")
 LMBDAS, BETAS = (0.0, 0.5, 1.0), (0.0, 0.5, 1.0)
-KEYS = ("steps", "batch", "lr", "eval_n", "preset")   # one table per setting
+KEYS = ("steps", "batch", "lr", "eval_n", "preset", "task_version")   # one table per setting
 
 
 def _load(path: str) -> list[dict]:
@@ -69,12 +70,12 @@ def diagnostics(assets, n: int = 256, seed: int = 0) -> dict:
         args = [jnp.asarray(x) for x in (b.input_ids, b.attention_mask, b.completion_ids, b.completion_mask)]
         res[f"teacher_nll/{name}"] = float(completion_nll(teacher, *args))
         res[f"student_nll/{name}"] = float(completion_nll(student, *args))
-    # Where the student's samples first go wrong: the first wrong intermediate value (style A).
+    # Where the student's samples first go wrong: the first wrong running value (style A, b=7*3=1).
     first_err = []
     for r, t in zip(rows, texts):
         start, ops = chain_task.parse_prompt(r["prompt"][0]["content"])
         want = chain_task.values(start, ops)[1:]
-        got = [int(v) for v in __import__("re").findall(r"(?:^|\s)[a-z]=([0-9])(?=\s|$)", t)]
+        got = [int(v) for v in re.findall(r"(?:^|\s)[a-z]=[0-9][+*][0-9]=([0-9])(?=\s|$)", t)]
         bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
         first_err.append(bad[0] / len(want) if bad else (1.0 if len(got) >= len(want) else len(got) / len(want)))
     res["student_sample_first_error_frac"] = float(np.mean(first_err))
@@ -137,7 +138,7 @@ def table(recs: list[dict], args, info: dict) -> str:
                       (chain_task.TEACHER_STYLE_KEY, "SFT on teacher-style completions (style A, control)")):
         xs = [r["acc"] for r in sft if r["response_key"] == key]
         if xs:
-            lines.append(f"| {name} | {_ms(xs)} (n={len(xs)}) | | | |")
+            lines.append(f"| {name} | {_ms(xs) if len(xs) == 1 else f'{_ms(xs)} (n={len(xs)})'} | | | |")
     if gold:
         lines += ["", "On-policy minus off-policy (lmbda 1 - lmbda 0), per beta, mean over seeds:", ""]
         for b in BETAS:
@@ -145,6 +146,17 @@ def table(recs: list[dict], args, info: dict) -> str:
             off = [r["acc"] for r in gold if r["lmbda"] == 0.0 and r["beta"] == b]
             if on and off:
                 lines.append(f"- beta {b:g}: {np.mean(on) - np.mean(off):+.3f} (n={len(on)}/{len(off)})")
+    trl = [r for r in recs if r["kind"] == "trl"]
+    if trl:
+        beta = trl[0]["beta"]
+        lines += ["", f"TRL cross-check of the lmbda ends (benchmarks/chain_trl_check.py): TRL's GKDTrainer on the "
+                  f"same student, teacher and parquet, same steps, batch, lr, beta {beta:g} and temperature, each "
+                  "trained student scored here with the same greedy exact match:", "",
+                  "| lmbda | TRL GKDTrainer | gold_jax (same beta) |", "|---|---:|---:|"]
+        for lm in (0.0, 1.0):
+            xs = [r["acc"] for r in trl if r["lmbda"] == lm and r["beta"] == beta]
+            ours = [r["acc"] for r in gold if r["lmbda"] == lm and r["beta"] == beta]
+            lines.append(f"| {lm:g} | {_ms(xs)} | {_ms(ours)} |")
     if diag:
         d = diag[-1]
         lines += ["", f"Warmed-up student, {d['n']} held-out prompts: its own samples at T=0.9 are "
@@ -170,6 +182,7 @@ def part3(args, run_one: Callable) -> None:
     pylogging.getLogger("gold_jax").setLevel(pylogging.WARNING)
     assets = ensure_demo_assets(args.cache_dir, preset=args.preset, task="chain")
     os.makedirs(RESULTS, exist_ok=True)
+    args.task_version = chain_task.VERSION
     setting = {k: getattr(args, k) for k in KEYS}
     everything = [] if args.fresh else _load(RUNS)
     mine = [r for r in everything if all(r.get(k) == v for k, v in setting.items())]

@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--student_dir"), ap.add_argument("--teacher_dir"), ap.add_argument("--train_file")
     ap.add_argument("--out"), ap.add_argument("--lmbda", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max_length", type=int, default=144), ap.add_argument("--max_new", type=int, default=88)
+    ap.add_argument("--max_length", type=int, default=0, help="default: the assets' prompt + response lengths")
+    ap.add_argument("--max_new", type=int, default=0, help="default: the assets' response length")
     ap.add_argument("--warmup_steps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=16)
@@ -84,6 +85,7 @@ def main() -> None:
         sys.exit(f"{args.trl_python} not found: create the TRL virtualenv (benchmarks/train_bench.py's docstring)")
     import pyarrow.parquet as pq
     from chain_study import RUNS, _append
+    from gold_jax.demo import chain_task
     from gold_jax.data import load_tokenizer
     from gold_jax.demo.build import ensure_demo_assets
     from gold_jax.demo.evaluate import evaluate_accuracy
@@ -91,6 +93,9 @@ def main() -> None:
     assets = ensure_demo_assets(os.path.expanduser(args.cache_dir), preset=args.preset, task="chain")
     rows = pq.read_table(assets.eval_file).to_pylist()[:args.eval_n]
     tok = load_tokenizer(assets.student_dir)
+    lengths = assets.info["data_lengths"]
+    max_new = args.max_new or lengths["max_response_length"]
+    max_length = args.max_length or lengths["max_prompt_length"] + lengths["max_response_length"]
     for seed in args.seeds:
         for lmbda in (0.0, 1.0):
             with tempfile.TemporaryDirectory() as out:
@@ -99,7 +104,8 @@ def main() -> None:
                        assets.student_dir, "--teacher_dir", assets.teacher_dir, "--train_file", assets.train_file,
                        "--out", out, "--lmbda", str(lmbda), "--beta", str(args.beta), "--seed", str(seed),
                        "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
-                       "--warmup_steps", str(min(10, max(args.steps // 10, 1)))]
+                       "--warmup_steps", str(min(10, max(args.steps // 10, 1))),
+                       "--max_length", str(max_length), "--max_new", str(max_new)]
                 env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
                 if proc.returncode:
@@ -110,7 +116,7 @@ def main() -> None:
             rec = {"kind": "trl", "lmbda": lmbda, "beta": args.beta, "seed": seed, "acc": res["accuracy"],
                    "well_formed": res["well_formed"], "wall_s": wall, "load_avg": os.getloadavg()[0],
                    "steps": args.steps, "batch": args.batch, "lr": args.lr, "eval_n": args.eval_n,
-                   "preset": args.preset}
+                   "preset": args.preset, "task_version": chain_task.VERSION}
             _append(RUNS, rec)
             print(json.dumps(rec), flush=True)
 

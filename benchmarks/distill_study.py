@@ -31,7 +31,7 @@ file next to it, so an interrupted sweep resumes where it stopped.
     python benchmarks/distill_study.py sweep [--steps 200] [--seeds 0 1 2] [--eval_n 256]
 
 Part 3 (`sweep --task chain`, issue 18): the same sweep on the chain task
-(gold_jax/demo/chain_task.py: 48-122-token modular-arithmetic chains, dataset
+(gold_jax/demo/chain_task.py: 59-token modular-arithmetic chains, dataset
 completions in another style than the teacher's), plus one row of plain SFT on
 the dataset completions (gold_jax/demo/sft.py) at the same steps, batch and lr,
 and diagnostics of the warmed-up student (accuracy of its own T=0.9 samples,

@@ -16,14 +16,16 @@ def splits():
     return ct.make_splits(300, 50, min_len=8, max_len=10, seed=0)
 
 
-def _check_b_steps(row):
-    """Every step of a style-B completion is correct arithmetic on the previous value with the prompt's operation."""
+def _check_steps(row, key, operand_first):
+    """Every step of a completion is correct arithmetic on the previous value with the prompt's operation."""
     start, ops = ct.parse_prompt(row["prompt"][0]["content"])
-    steps = re.findall(r"([a-z])=([0-9])([+*])([0-9])=([0-9])", row["response"])
+    steps = re.findall(r"([a-z])=([0-9])([+*])([0-9])=([0-9])", row[key])
     assert len(steps) == len(ops)
     prev = start
     for i, ((letter, x, kind, k, y), op) in enumerate(zip(steps, ops)):
         assert letter == "abcdefghijklmnopqrstuvwxyz"[i + 1]
+        if operand_first:        # style B: b=3*7=1
+            x, k = k, x
         assert (kind, int(k)) == op and int(x) == prev
         expected = (prev + int(k)) % 10 if kind == "+" else (prev * int(k)) % 10   # independent of ct.apply
         assert int(y) == expected
@@ -34,18 +36,18 @@ def _check_b_steps(row):
 def test_both_styles_are_correct_and_end_in_the_same_answer(splits):
     train, val = splits
     for row in train[:100] + val:
-        final = _check_b_steps(row)
+        final = _check_steps(row, "response", operand_first=True)
+        assert _check_steps(row, ct.TEACHER_STYLE_KEY, operand_first=False) == final
         assert row["reward_model"]["ground_truth"] == str(final)
         a, b = row[ct.TEACHER_STYLE_KEY], row["response"]
-        assert a != b and ct.extract_answer(a) == ct.extract_answer(b) == str(final)
+        assert a != b and len(a) == len(b) and ct.extract_answer(a) == ct.extract_answer(b) == str(final)
         assert ct.score_completion(row, a) and ct.score_completion(row, b)
         assert ct.score_completion(row, b + "<|im_end|>junk")
-        assert a.split()[:len(a.split()) - 2] == [s.split("=")[0] + "=" + s.split("=")[-1] for s in b.split()[:-2]]
 
 
 def test_scorer_checks_the_final_answer_only():
     row = ct.make_row(7, [("*", 3), ("+", 4)], "test", 0)   # 7 -> 1 -> 5
-    assert row[ct.TEACHER_STYLE_KEY] == "b=1 c=5 ans 5" and row["response"] == "b=7*3=1 c=1+4=5 ans 5"
+    assert row[ct.TEACHER_STYLE_KEY] == "b=7*3=1 c=1+4=5 ans 5" and row["response"] == "b=3*7=1 c=4+1=5 ans 5"
     assert ct.score_completion(row, "b=2 c=9 ans 5")          # a wrong scratchpad, the right answer
     assert not ct.score_completion(row, "b=1 c=5 ans 4")
     assert not ct.score_completion(row, "b=1 c=5")            # no answer

@@ -106,6 +106,7 @@ def test_colocated_sharded_equals_unsharded(models, devices, mesh_shape):
         np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-5 * float(np.abs(g1).max()) + 1e-9)
 
 
+@pytest.mark.slow   # 63 s: a second end-to-end trainer run; the colocated loss/grad equivalence tests above stay in the default suite
 def test_colocated_run_equals_server_full_rows_run(tiny_run_config, tmp_path):
     """Same teacher, same batches (λ = 0): the colocated run's first loss (θ_0) equals the dense loss on the
     server's full rows (gold.top_k=0). The colocated run uses one_step_off (queued batches are scored by the

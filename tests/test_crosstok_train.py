@@ -173,6 +173,7 @@ def test_crossentropy_weight_adds_the_float64_nll(cross_batch):
 
 
 # ---------------------------------------------------------------- the trainer, end to end
+@pytest.mark.slow   # 58 s: a second end-to-end trainer run; the server fields and loss tests above stay in the default suite
 def test_trainer_with_a_teacher_of_another_tokenizer(tiny_run_config, tmp_path_factory):
     import run_builder
     from gold_jax.metrics import read_jsonl

@@ -53,6 +53,7 @@ def _reference_jsd(cfg, run_dir):
     return total / count, int(count)
 
 
+@pytest.mark.slow   # 35 s on the full demo assets
 def test_real_model_run_is_scored_by_validation_jsd(assets):
     from gold_jax import eval as eval_cli
     cfg, run = _real_run(assets, "dense", **{"gold.top_k": 0})   # full teacher rows: the dense JSD

@@ -19,6 +19,7 @@ def _rows(run_dir):
     return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
+@pytest.mark.slow   # 29 s: a second end-to-end trainer run; OPD's loss tests stay in the default suite
 def test_opd_one_step_off_logs_staleness_ratio_and_diagnostics(tiny_run_config, tmp_path):
     cfg = tiny_run_config(tmp_path, **{"trainer.max_steps": 4, "gold.lmbda": 1.0, "gold.loss": "opd",
                                        "gold.importance_correction": True, "trainer.scheduler": "one_step_off",

@@ -67,11 +67,18 @@ class ChainPreset(Preset):
 
     A subclass, so that the sorting presets' specs (and their built caches) are unchanged.
     min_len/max_len count operations; teacher and student learn style A (response_teacher_style).
+    The teacher trains until it reaches teacher_target (checked every teacher_check_every steps);
+    the student is the teacher pruned to student.heads heads and student.intermediate neurons
+    (prune.py), then warmed up at student_lr until it reaches student_target.
     """
     task: str = "chain"
-    max_positions: int = 160     # prompt (<= 56 tokens) + up to 96 generated tokens (evaluation)
-    max_prompt_length: int = 56  # the trainer's data lengths for this task (assets.json data_lengths)
-    max_response_length: int = 88   # style B of 12 operations is 87 tokens with EOS
+    max_positions: int = 128     # prompt (<= 40 tokens) + up to 72 generated tokens (evaluation)
+    max_prompt_length: int = 40  # the trainer's data lengths for this task (assets.json data_lengths)
+    max_response_length: int = 64   # either style of 8 operations is 59 tokens with EOS
+    teacher_check_every: int = 50
+    student_lr: float = 1e-3
+    student_warmup: int = 10
+    calibration_rows: int = 64   # pruning importance is measured on this many training rows
 
 
 # head_dim 64 everywhere in "full": vLLM's CPU attention kernels need it.
@@ -87,19 +94,22 @@ PRESETS = {
                    teacher_steps=20, teacher_rounds=1, teacher_target=0.0,
                    student_max_steps=5, student_target=0.0, check_every=0, check_n=16, batch_size=32,
                    warmup=2),
-    # Issue 18's task (chain_task.py). Sized for a shared 2-core CPU: 12 operations, teacher SFT
-    # sequences of ~85 tokens. Names: f"{task}-{preset}" (ensure_demo_assets).
-    "chain-full": ChainPreset(min_len=12, max_len=12, n_train=10000, n_val=256, n_eval=256,
-                              teacher=ModelSpec(hidden=128, layers=2, heads=2, head_dim=64, intermediate=512),
-                              student=ModelSpec(hidden=64, layers=2, heads=1, head_dim=64, intermediate=256),
-                              teacher_steps=300, teacher_rounds=4, teacher_target=0.9,
-                              student_max_steps=400, student_target=0.25, check_every=25, check_n=128),
+    # Issue 18's task (chain_task.py). Sized for a 2-core CPU and a build under 5 minutes: 8
+    # operations, 59-token completions; the student is the teacher pruned (prune.py), 150k of 367k
+    # parameters. Names: f"{task}-{preset}" (ensure_demo_assets).
+    "chain-full": ChainPreset(min_len=8, max_len=8, n_train=8000, n_val=256, n_eval=256,
+                              teacher=ModelSpec(hidden=128, layers=2, heads=4, head_dim=32, intermediate=256),
+                              student=ModelSpec(hidden=128, layers=2, heads=3, head_dim=32, intermediate=16),
+                              teacher_steps=400, teacher_rounds=1, teacher_target=0.98,
+                              student_max_steps=100, student_target=0.25, check_every=10, check_n=128,
+                              warmup=30),
     "chain-tiny": ChainPreset(min_len=3, max_len=4, n_train=256, n_val=16, n_eval=32,
                               teacher=ModelSpec(hidden=32, layers=1, heads=2, head_dim=16, intermediate=64),
-                              student=ModelSpec(hidden=16, layers=1, heads=1, head_dim=16, intermediate=32),
+                              student=ModelSpec(hidden=32, layers=1, heads=1, head_dim=16, intermediate=16),
                               teacher_steps=20, teacher_rounds=1, teacher_target=0.0,
                               student_max_steps=5, student_target=0.0, check_every=0, check_n=16,
-                              batch_size=32, warmup=2, max_prompt_length=32, max_response_length=40),
+                              batch_size=32, warmup=2, max_prompt_length=32, max_response_length=40,
+                              teacher_check_every=0, student_warmup=2, calibration_rows=16),
 }
 TASKS = ("sort", "chain")
 
@@ -262,21 +272,29 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
     phases.set_postfix_str("teacher")
     teacher = init_model(_model_config(p.teacher, tok, max_pos), seed=0)
     t_check, t_state = check(val[:p.check_n], p.teacher_target)
-    t_steps = 0
+    t_steps, t_every = 0, p.teacher_check_every if chain else 0
     for r in range(p.teacher_rounds):  # train until it solves the task; later rounds at a lower rate
         t_steps += len(sft_train(teacher, data, steps=p.teacher_steps, batch_size=p.batch_size,
                                  learning_rate=p.lr / (3 ** r), warmup_steps=p.warmup, seed=r,
-                                 progress=progress,
-                                 desc=f"teacher sft (round {r + 1})"))
+                                 progress=progress, desc=f"teacher sft (round {r + 1})",
+                                 callback=t_check if t_every else None, callback_every=t_every))
         if r + 1 == p.teacher_rounds or t_check(t_steps, teacher):
             break
     t = phase("teacher_s", t)
 
     phases.set_postfix_str("student warm-up")
-    student = init_model(_model_config(p.student, tok, max_pos), seed=1)
+    if chain:   # carved out of the teacher (prune.py), then warmed up
+        from gold_jax.demo import prune
+        cal = data.input_ids[:p.calibration_rows], data.attention_mask[:p.calibration_rows]
+        student = prune.prune(teacher, prune.importance(teacher, *cal), num_heads=p.student.heads,
+                              intermediate=p.student.intermediate)
+        s_lr, s_warmup = p.student_lr, p.student_warmup
+    else:
+        student = init_model(_model_config(p.student, tok, max_pos), seed=1)
+        s_lr, s_warmup = p.lr, p.warmup
     s_check, s_state = check(val[:p.check_n], p.student_target)
     s_steps = len(sft_train(student, data, steps=p.student_max_steps, batch_size=p.batch_size,
-                            learning_rate=p.lr, warmup_steps=p.warmup, seed=1, progress=progress,
+                            learning_rate=s_lr, warmup_steps=s_warmup, seed=1, progress=progress,
                             desc="student warm-up",
                             callback=s_check if p.check_every else None, callback_every=p.check_every))
     t = phase("student_s", t)
@@ -299,7 +317,7 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
                     "checks": t_state["history"]},
         "student": {"accuracy": acc["student"]["accuracy"], "well_formed": acc["student"]["well_formed"],
                     "params": _n_params(student), "sft_steps": s_steps, **dataclasses.asdict(p.student),
-                    "checks": s_state["history"]},
+                    "checks": s_state["history"], **({"pruned_from": "teacher"} if chain else {})},
         "eval_n": len(test), "vocab_size": len(tok),
         "task": {"min_len": p.min_len, "max_len": p.max_len, "n_train": len(train), "n_val": len(val),
                  "name": "chain" if chain else "sort"},

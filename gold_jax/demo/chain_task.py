@@ -8,46 +8,48 @@ before any study was run on it, to remove both reasons and to widen the
 capacity gap:
 
 * Long generations where one early error derails the rest. A prompt is a
-  program of 12 steps (build.PRESETS["chain-full"]), ``Run: a=7 b=*3 c=+4 d=*9 ...``: variable ``a`` is a
-  digit and every later variable applies one operation (``+k``, k in 1..9, or
-  ``*k``, k in {3, 7, 9}) to the previous variable, modulo 10. Every operation
-  is a bijection of Z/10, so a single wrong intermediate value makes the final
-  answer wrong (unless a second error happens to cancel it): errors compound
-  through the whole chain, and a student that has drifted off its track is in
-  states that the dataset never shows it.
-* Dataset completions written in a different style from the teacher's. Both
-  styles are correct and end in the same final answer, `` ans <d>``:
+  program of 8 steps (build.PRESETS["chain-full"]), ``Run: a=7 b=*3 c=+4 d=*9 ...``:
+  variable ``a`` is a digit and every later variable applies one operation
+  (``+k``, k in 1..9, or ``*k``, k in {3, 7, 9}) to the previous variable,
+  modulo 10. Every operation is a bijection of Z/10, so a single wrong
+  intermediate value makes the final answer wrong (unless a second error
+  happens to cancel it): errors compound through the whole chain, and a
+  student that has drifted off its track is in states that the dataset never
+  shows it.
+* Dataset completions written in a different scratchpad style from the
+  teacher's. Both are worked, correct, the same length (7 tokens a step: 58
+  tokens + EOS for 8 steps) and end in the same final answer, `` ans <d>``:
 
-    style A (the teacher's, compact, 3 tokens a step: 38 tokens + EOS):
-        ``b=1 c=5 d=5 ... ans 4``
-    style B (the dataset's "worked" style, 7 tokens a step: 86 tokens + EOS):
+    style A (the teacher's: the running value first):
         ``b=7*3=1 c=1+4=5 d=5*9=5 ... ans 4``
+    style B (the dataset's: the operand first):
+        ``b=3*7=1 c=4+1=5 d=9*5=5 ... ans 4``
 
-  The issue asks for 48-128-token generations; 15-17 operations give exactly
-  that (A 48-54, B 108-122 tokens) and the functions here take any length up
-  to 25, but on the shared 2-core CPU (load average 12-15 while this was built)
-  the teacher's SFT ran at 3-4 s a step, so the preset is smaller: 12
-  operations, every prompt the same length. The fixed length puts operation k
-  of the prompt at a fixed distance before step k of a style-A completion (3
-  tokens a step in both); the teacher (2 layers, hidden 128) reached 0.125 /
-  0.69 / 1.0 greedy exact match after 300 / 600 / 900 SFT steps of batch 64
-  (with 8-10 operations it had not left chance level after 150); style B (7
-  tokens a step) breaks that alignment, one more way in which the dataset's
-  text is off the teacher's track.
+  The teacher is trained on style A only; the student is carved out of the
+  teacher (below) and warmed up on style A, so its own samples are on the
+  teacher's distribution, while the parquet's ``response`` column (what
+  off-policy steps train on) is style B: off the teacher's distribution as
+  well as the student's. Style A is kept in the ``response_teacher_style``
+  column, so a control run can distil off-policy on the teacher's own style
+  (``--config.data.response_key=response_teacher_style``). Exact match checks
+  the final answer only, so both styles score as correct.
+* A capacity gap. Each step is a lookup (the variable's letter -> its
+  operation in the prompt, an induction pattern) plus a 120-entry table. The
+  teacher (2 layers, 4 heads, 367k parameters) learns it; the student is the
+  teacher pruned to 3 of 4 heads and 16 of 256 MLP neurons per layer
+  (prune.py, Minitron-style: 150k parameters, 41%), then warmed up only until
+  it solves a quarter of the prompts, so it keeps part of the teacher's
+  circuits and makes its own mistakes. A student of that size trained from
+  scratch had not left chance level after 500 SFT steps, far beyond the build
+  budget; one pruned to 2 heads had not recovered after 75 steps.
 
-  The teacher is trained on style A only; the student's warm-up is also style A
-  (as if it were distilled from, or shared a base with, the teacher), so the
-  student's own samples are on the teacher's distribution, while the parquet's
-  ``response`` column (what off-policy steps train on) is style B: off the
-  teacher's distribution as well as the student's. Style A is kept in the
-  ``response_teacher_style`` column, so a control run can distil off-policy on
-  the teacher's own style (``--config.data.response_key=response_teacher_style``).
-  Exact match checks the final answer only, so both styles score as correct.
-* A capacity gap. Each step is a two-hop lookup (the variable's letter -> its
-  operation in the prompt; the previous value two tokens back) plus a
-  120-entry table; the teacher has the depth and width for it, the student
-  (build.PRESETS["chain-full"]) much less, and is warmed up only until it
-  solves a fraction of the prompts, so it makes its own mistakes.
+Sizing (2-core CPU, build under 5 minutes): the first version of this task
+had 12 steps in a compact teacher style (``b=1 c=5 ...``, 38 tokens, under the
+issue's 48) and a teacher that needed 900 SFT steps (an hour of building under
+load). The worked style makes each step local (the running value is copied,
+then the operation, then the table lookup), so the teacher learns 8 steps (58
+tokens) in about 300 steps of batch 64; the functions here take any length up
+to 25 steps.
 
 What we expect (written before the study): lmbda 1 ahead of lmbda 0 at every
 beta, because off-policy batches ask the teacher for next-token distributions
@@ -69,13 +71,14 @@ import numpy as np
 from gold_jax.demo.task import ground_truth  # the same verl reward_model field
 
 DATA_SOURCE = "gold_jax/chain_mod10"
+VERSION = 2                  # 1: 12 steps, compact teacher style (benchmarks/results/distill_study_chain_v1.md)
 INSTRUCTION = "Run:"
 TEACHER_STYLE_KEY = "response_teacher_style"   # style A, next to the dataset's style-B "response"
 STYLES = ("A", "B")
 ADD_KS = tuple(range(1, 10))
 MUL_KS = (3, 7, 9)           # units of Z/10: every operation is a bijection, so errors never vanish
 MAX_STEPS = 25               # letters b..z
-MAX_NEW_TOKENS = 96          # evaluation: style B of 12 steps is 86 tokens + EOS
+MAX_NEW_TOKENS = 72          # evaluation: either style of 8 steps is 58 tokens + EOS
 _ANS_RE = re.compile(r"(?:^|\s)ans\s+([0-9])\s*$")
 _OP_RE = re.compile(r"([a-z])=([+*])([0-9])")
 
@@ -131,10 +134,10 @@ def solve(start: int, ops: Sequence[Op], style: str = "A") -> str:
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     vals, letters = values(start, ops), string.ascii_lowercase
-    if style == "A":
-        steps = [f"{letters[i + 1]}={vals[i + 1]}" for i in range(len(ops))]
-    else:
+    if style == "A":    # the running value first: b=7*3=1
         steps = [f"{letters[i + 1]}={vals[i]}{kind}{k}={vals[i + 1]}" for i, (kind, k) in enumerate(ops)]
+    else:               # the operand first: b=3*7=1 (both operations commute)
+        steps = [f"{letters[i + 1]}={k}{kind}{vals[i]}={vals[i + 1]}" for i, (kind, k) in enumerate(ops)]
     return " ".join(steps) + f" ans {vals[-1]}"
 
 
@@ -161,7 +164,7 @@ def _random_ops(rng: np.random.Generator, n: int) -> list[Op]:
     return ops
 
 
-def make_splits(n_train: int, n_val: int, *, min_len: int = 15, max_len: int = 17,
+def make_splits(n_train: int, n_val: int, *, min_len: int = 8, max_len: int = 8,
                 seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Disjoint train/validation rows (no validation program appears in train); lengths = operations."""
     if min(n_train, n_val) < 0:
