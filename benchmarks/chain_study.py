@@ -6,6 +6,7 @@ results written run by run (a cut-off study still yields its figures).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging as pylogging
 import os
@@ -140,12 +141,15 @@ def table(recs: list[dict], args, info: dict) -> str:
         if xs:
             lines.append(f"| {name} | {_ms(xs) if len(xs) == 1 else f'{_ms(xs)} (n={len(xs)})'} | | | |")
     if gold:
-        lines += ["", "On-policy minus off-policy (lmbda 1 - lmbda 0), per beta, mean over seeds:", ""]
+        lines += ["", "On-policy minus off-policy (lmbda 1 - lmbda 0), per beta, paired by seed (mean ± std):", ""]
         for b in BETAS:
-            on = [r["acc"] for r in gold if r["lmbda"] == 1.0 and r["beta"] == b]
-            off = [r["acc"] for r in gold if r["lmbda"] == 0.0 and r["beta"] == b]
-            if on and off:
-                lines.append(f"- beta {b:g}: {np.mean(on) - np.mean(off):+.3f} (n={len(on)}/{len(off)})")
+            on = {r["seed"]: r["acc"] for r in gold if r["lmbda"] == 1.0 and r["beta"] == b}
+            off = {r["seed"]: r["acc"] for r in gold if r["lmbda"] == 0.0 and r["beta"] == b}
+            diffs = [on[k] - off[k] for k in sorted(on.keys() & off.keys())]
+            if diffs:
+                sd = f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else ""
+                lines.append(f"- beta {b:g}: {np.mean(diffs):+.3f}{sd} (seeds {sorted(on.keys() & off.keys())}; "
+                             f"ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})")
     trl = [r for r in recs if r["kind"] == "trl"]
     if trl:
         beta = trl[0]["beta"]
@@ -175,6 +179,19 @@ def table(recs: list[dict], args, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_tables(recs: list[dict], args, info: dict) -> None:
+    """TABLE: one section per setting of this task version (the longest budget first)."""
+    settings = sorted({tuple(r.get(k) for k in KEYS) for r in recs if r.get("task_version") == args.task_version},
+                      key=lambda t: -t[0])
+    sections = []
+    for values in settings:
+        a = argparse.Namespace(**{**vars(args), **dict(zip(KEYS, values))})
+        sections.append(table([r for r in recs if tuple(r.get(k) for k in KEYS) == values], a, info))
+    with open(TABLE, "w") as f:
+        f.write("# Distillation study on the chain task (benchmarks/distill_study.py sweep --task chain)\n\n"
+                + "\n".join(sections))
+
+
 def part3(args, run_one: Callable) -> None:
     from absl import logging as absl_logging
     from gold_jax.demo.build import ensure_demo_assets
@@ -191,9 +208,8 @@ def part3(args, run_one: Callable) -> None:
         rec.update(setting)
         _append(RUNS, rec)
         mine.append(rec)
-        with open(TABLE, "w") as f:
-            f.write("# Distillation study on the chain task (benchmarks/distill_study.py sweep --task chain)\n\n"
-                    + table(mine, args, assets.info))
+        everything.append(rec)
+        write_tables(everything, args, assets.info)
 
     if not any(r["kind"] == "diag" for r in mine):
         rec = diagnostics(assets, n=args.eval_n)
@@ -243,4 +259,5 @@ def part3(args, run_one: Callable) -> None:
               f"{rec['acc']:.3f}, on-policy {rec['on_policy_ratio']:.2f}, {rec['wall_s']:.0f}s, "
               f"load {rec['load_avg']:.1f}", flush=True)
     sft_rows(("response", chain_task.TEACHER_STYLE_KEY))
+    write_tables(everything, args, assets.info)
     print("\n" + table(mine, args, assets.info))

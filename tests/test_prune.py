@@ -4,8 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from gold_jax.demo import prune
 from gold_jax.models import ModelConfig, init_model
+
+
+@nnx.jit
+def _logits(model, ids, mask):
+    return model(ids, mask)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +51,12 @@ def test_pruned_model_equals_the_zeroed_original(model_and_batch):
     assert prune.n_params(small) < prune.n_params(m)
     heads = [set(np.argsort(-s["heads"])[:2]) for s in scores]
     neurons = [set(np.argsort(-s["neurons"])[:10]) for s in scores]
-    want = np.asarray(_zeroed(m, heads, neurons)(ids, mask), np.float64)
-    got = np.asarray(small(ids, mask), np.float64)
+    want = np.asarray(_logits(_zeroed(m, heads, neurons), ids, mask), np.float64)
+    got = np.asarray(_logits(small, ids, mask), np.float64)
     np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-5)
     full = prune.prune(m, scores, num_heads=4, intermediate=24)   # keeping everything: the same function
-    np.testing.assert_allclose(np.asarray(full(ids, mask))[mask == 1], np.asarray(m(ids, mask))[mask == 1],
+    np.testing.assert_allclose(np.asarray(_logits(full, ids, mask))[mask == 1],
+                               np.asarray(_logits(m, ids, mask))[mask == 1],
                                atol=1e-5)
 
 
@@ -60,7 +68,8 @@ def test_a_silenced_head_and_neuron_score_zero(model_and_batch):
         assert s[layer]["heads"][head] == 0 and np.sum(s[layer]["heads"] == 0) == 1
         assert s[layer]["neurons"][neuron] == 0 and np.sum(s[layer]["neurons"] == 0) == 1
     small = prune.prune(z, s, num_heads=3, intermediate=23)       # the silenced ones are the ones removed
-    np.testing.assert_allclose(np.asarray(small(ids, mask))[mask == 1], np.asarray(z(ids, mask))[mask == 1],
+    np.testing.assert_allclose(np.asarray(_logits(small, ids, mask))[mask == 1],
+                               np.asarray(_logits(z, ids, mask))[mask == 1],
                                atol=1e-5)
 
 

@@ -33,11 +33,16 @@ def importance(model: Decoder, input_ids: np.ndarray, attention_mask: np.ndarray
     cfg = model.config
     if cfg.num_kv_heads != cfg.num_heads or cfg.attention_bias:
         raise ValueError("prune supports models without GQA or attention biases (the demo's models)")
-    ids, mask = jnp.asarray(input_ids), jnp.asarray(attention_mask)
+    return [{k: np.asarray(v) for k, v in layer.items()}
+            for layer in _importance(model, jnp.asarray(input_ids), jnp.asarray(attention_mask))]
+
+
+@nnx.jit
+def _importance(model: Decoder, ids: jax.Array, mask: jax.Array) -> list[dict[str, jax.Array]]:
     positions = default_positions(mask)
     length = ids.shape[1]
     full_mask = jnp.tril(jnp.ones((length, length), bool))[None] & (mask[:, None, :] != 0)
-    keep = np.asarray(mask, bool)
+    weight = mask.astype(jnp.float32) / jnp.maximum(mask.sum(), 1)       # mean over real tokens
     x = model._embed(ids)
     out = []
     for layer in model.layers:
@@ -45,11 +50,11 @@ def importance(model: Decoder, input_ids: np.ndarray, attention_mask: np.ndarray
         q, k, v = attn.qkv(layer.input_layernorm(x), positions)
         o = attend(q, k, v, full_mask)                                  # [B, L, N, D]
         per_head = jnp.einsum("blnd,ndh->blnh", o, attn.o_proj[...])    # each head's share of o_proj
-        heads = np.asarray(jnp.linalg.norm(per_head, axis=-1))[keep].mean(0)
+        heads = jnp.einsum("bln,bl->n", jnp.linalg.norm(per_head, axis=-1), weight)
         x = x + per_head.sum(2)
         h = layer.post_attention_layernorm(x)
         mid = jax.nn.silu(h @ mlp.gate_proj[...]) * (h @ mlp.up_proj[...])
-        neurons = np.abs(np.asarray(mid))[keep].mean(0) * np.linalg.norm(np.asarray(mlp.down_proj[...]), axis=1)
+        neurons = jnp.einsum("bli,bl->i", jnp.abs(mid), weight) * jnp.linalg.norm(mlp.down_proj[...], axis=1)
         x = x + mid @ mlp.down_proj[...]
         out.append({"heads": heads, "neurons": neurons})
     return out
