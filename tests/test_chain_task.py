@@ -140,3 +140,14 @@ def test_tiny_chain_build_and_two_step_run(tmp_path):
         (p.max_prompt_length, p.max_response_length)
     evals = read_jsonl(os.path.join(tmp_path, "run", "metrics.jsonl"), kind="eval")
     assert [e["step"] for e in evals] == [0, 2] and all(0 <= e["eval/accuracy"] <= 1 for e in evals)
+
+
+def test_a_pruned_student_preset_must_keep_the_teachers_shape(tmp_path, monkeypatch):
+    """The chain student is carved from the teacher: a preset giving it another width fails before any build."""
+    import dataclasses
+    bad = dataclasses.replace(build.PRESETS["chain-tiny"],
+                              student=dataclasses.replace(build.PRESETS["chain-tiny"].student, hidden=16))
+    monkeypatch.setitem(build.PRESETS, "chain-tiny", bad)
+    with pytest.raises(ValueError, match=r"pruned student keeps the teacher's \('hidden'"):
+        build.ensure_demo_assets(str(tmp_path), preset="tiny", task="chain", progress=False)
+    assert not (tmp_path / "chain-tiny").exists()

@@ -6,7 +6,7 @@ import pytest
 
 from flax import nnx
 
-from gold_jax.demo import prune
+from gold_jax.demo import build, prune
 from gold_jax.models import ModelConfig, init_model
 
 
@@ -48,7 +48,7 @@ def test_pruned_model_equals_the_zeroed_original(model_and_batch):
     assert all(np.all(s["heads"] > 0) and np.all(s["neurons"] > 0) for s in scores)
     small = prune.prune(m, scores, num_heads=2, intermediate=10)
     assert small.config.num_heads == small.config.num_kv_heads == 2 and small.config.intermediate_size == 10
-    assert prune.n_params(small) < prune.n_params(m)
+    assert build._n_params(small) < build._n_params(m)
     heads = [set(np.argsort(-s["heads"])[:2]) for s in scores]
     neurons = [set(np.argsort(-s["neurons"])[:10]) for s in scores]
     want = np.asarray(_logits(_zeroed(m, heads, neurons), ids, mask), np.float64)

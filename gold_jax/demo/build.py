@@ -239,6 +239,10 @@ def _build(out: str, preset: str, *, progress: bool) -> None:
     t = time.perf_counter()
     phases.set_postfix_str("data + tokenizer")
     chain = isinstance(p, ChainPreset)
+    kept = ("hidden", "layers", "head_dim")   # the chain student is the teacher pruned: these stay the teacher's
+    if chain and [getattr(p.student, k) for k in kept] != [getattr(p.teacher, k) for k in kept]:
+        raise ValueError(f"preset {preset!r}: a pruned student keeps the teacher's {kept}; "
+                         f"got student {p.student} vs teacher {p.teacher}")
     tmod = chain_task if chain else task
     train, held = tmod.make_splits(p.n_train, p.n_val + p.n_eval, min_len=p.min_len, max_len=p.max_len,
                                    seed=0)

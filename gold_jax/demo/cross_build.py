@@ -101,6 +101,19 @@ def train_bytelevel_teacher_tokenizer(texts: Iterable[str], vocab_size: int):
     return _wrap(tok)
 
 
+def _wrap(tok):
+    """The HF fast tokenizer around a trained `tokenizers.Tokenizer`: the demo's specials and ChatML template."""
+    from transformers import PreTrainedTokenizerFast
+
+    from gold_jax.data.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, PAD
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=None, bos_token=None,
+        extra_special_tokens=[ENDOFTEXT, IM_START], clean_up_tokenization_spaces=False,
+        model_max_length=1 << 20, padding_side="left")
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
 def _check_variant(variant: str) -> None:
     if variant not in CROSS_VARIANTS:
         raise ValueError(f"variant={variant!r}: the cross-tokenizer demo teacher is one of {CROSS_VARIANTS}")
@@ -245,15 +258,3 @@ if __name__ == "__main__":   # python -m gold_jax.demo.cross_build [cache_dir] [
                             variant=sys.argv[3] if len(sys.argv) > 3 else "sentencepiece")
     print(json.dumps(a.info, indent=2))
 
-
-def _wrap(tok):
-    """The HF fast tokenizer around a trained `tokenizers.Tokenizer`: the demo's specials and ChatML template."""
-    from transformers import PreTrainedTokenizerFast
-
-    from gold_jax.data.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, PAD
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=None, bos_token=None,
-        extra_special_tokens=[ENDOFTEXT, IM_START], clean_up_tokenization_spaces=False,
-        model_max_length=1 << 20, padding_side="left")
-    hf.chat_template = CHATML_TEMPLATE
-    return hf

@@ -17,8 +17,6 @@ of its down_proj row, both over the calibration tokens that are not padding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +28,14 @@ from gold_jax.models.layers import attend
 
 def importance(model: Decoder, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[dict[str, np.ndarray]]:
     """Per layer: {"heads": [num_heads], "neurons": [intermediate]} activation importance scores."""
-    cfg = model.config
-    if cfg.num_kv_heads != cfg.num_heads or cfg.attention_bias:
-        raise ValueError("prune supports models without GQA or attention biases (the demo's models)")
+    _check_supported(model.config)
     return [{k: np.asarray(v) for k, v in layer.items()}
             for layer in _importance(model, jnp.asarray(input_ids), jnp.asarray(attention_mask))]
+
+
+def _check_supported(cfg) -> None:
+    if cfg.num_kv_heads != cfg.num_heads or cfg.attention_bias:
+        raise ValueError("prune supports models without GQA or attention biases (the demo's models)")
 
 
 @nnx.jit
@@ -69,6 +70,7 @@ def prune(model: Decoder, scores: list[dict[str, np.ndarray]], *, num_heads: int
     heads' and neurons' outputs set to zero.
     """
     cfg = model.config
+    _check_supported(cfg)
     if not 1 <= num_heads <= cfg.num_heads or not 1 <= intermediate <= cfg.intermediate_size:
         raise ValueError(f"num_heads={num_heads}, intermediate={intermediate}: need 1..{cfg.num_heads} "
                          f"and 1..{cfg.intermediate_size}")
@@ -97,6 +99,3 @@ def prune(model: Decoder, scores: list[dict[str, np.ndarray]], *, num_heads: int
         lit.mlp.down_proj[...] = big.mlp.down_proj[...][neurons]
     return small
 
-
-def n_params(model: Any) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
